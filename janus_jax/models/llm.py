@@ -1,0 +1,264 @@
+"""The DeepSeek-LLM decoder (Llama architecture) that Janus reads text and images with.
+
+Pre-norm blocks: RMSNorm -> attention (rotate-half RoPE, optional grouped KV heads) -> residual,
+RMSNorm -> SwiGLU MLP -> residual. The layer stack is one `nn.scan`, so parameters carry a leading
+`layers` axis and compile time does not grow with depth.
+
+Attention always reads keys and values from a KV cache when one is given: prefill (T prompt tokens)
+and single-token decode run through the same code, writing at `cache.index` and attending over
+all S cache slots under an explicit boolean mask `[B, T, S]`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+default_kernel_init = nn.initializers.normal(stddev=0.02)
+
+
+def param_with_axes(init, axes: tuple[str | None, ...]):
+  """An initializer that tags its parameter with logical axis names (see janus_jax.sharding)."""
+  return nn.with_logical_partitioning(init, axes)
+
+
+@flax.struct.dataclass
+class KVCache:
+  """Preallocated keys and values for every layer, written at `index`.
+
+  k, v: [layers, batch, slots, kv_heads, head_dim]. index: int32 scalar, the first free slot; all
+  rows share it (prompts are left-padded, so slot order is time order in every row).
+  """
+
+  k: jax.Array
+  v: jax.Array
+  index: jax.Array
+
+  @classmethod
+  def zeros(cls, num_layers: int, batch: int, slots: int, num_kv_heads: int, head_dim: int,
+            dtype: Dtype = jnp.float32) -> "KVCache":
+    shape = (num_layers, batch, slots, num_kv_heads, head_dim)
+    return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
+
+  @property
+  def slots(self) -> int:
+    return self.k.shape[2]
+
+
+class RMSNorm(nn.Module):
+  """Normalise in float32, cast back to the input dtype, then scale (the Llama order)."""
+
+  eps: float = 1e-6
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self.param("scale", param_with_axes(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                       self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
+
+
+def rotary_embedding(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
+  """Rotate-half (NeoX) RoPE: halves [x1, x2] -> [x1 c - x2 s, x2 c + x1 s]; angles in float32."""
+  head_dim = x_BxTxNxH.shape[-1]
+  inv_freq = theta ** (-jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+  angles_BxTxH2 = positions_BxT.astype(jnp.float32)[..., None] * inv_freq
+  angles = jnp.concatenate([angles_BxTxH2, angles_BxTxH2], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(angles), jnp.sin(angles)
+  x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x_BxTxNxH * cos + rotated * sin).astype(x_BxTxNxH.dtype)
+
+
+class Attention(nn.Module):
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  rope_theta: float
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index):
+    dense = lambda features, axes, name, in_axes=-1: nn.DenseGeneral(
+        features, axis=in_axes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=param_with_axes(default_kernel_init, axes), name=name)
+    q_BxTxNxH = dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), "q_proj")(x_BxTxD)
+    k_BxTxKxH = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj")(x_BxTxD)
+    v_BxTxKxH = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj")(x_BxTxD)
+    q_BxTxNxH = rotary_embedding(q_BxTxNxH, positions_BxT, self.rope_theta)
+    k_BxTxKxH = rotary_embedding(k_BxTxKxH, positions_BxT, self.rope_theta)
+
+    if kv_cache is not None:
+      cache_k, cache_v = kv_cache
+      start = (0, cache_index, 0, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxH.astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxH.astype(cache_v.dtype), start)
+      k_BxSxKxH, v_BxSxKxH, new_cache = cache_k, cache_v, (cache_k, cache_v)
+    else:
+      k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
+
+    b, t, _, _ = q_BxTxNxH.shape
+    groups = self.num_heads // self.num_kv_heads
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+    logits = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(self.dtype),
+                        preferred_element_type=jnp.float32) * self.head_dim**-0.5
+    logits = jnp.where(mask_BxTxS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH.astype(self.dtype))
+    out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, self.num_heads, self.head_dim)
+    out = nn.DenseGeneral(x_BxTxD.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
+                          param_dtype=self.param_dtype,
+                          kernel_init=param_with_axes(default_kernel_init, ("heads", "head_dim", "embed")),
+                          name="o_proj")(out_BxTxNxH)
+    return out, new_cache
+
+
+class Mlp(nn.Module):
+  mlp_dim: int
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD):
+    dense = lambda features, axes, name: nn.Dense(
+        features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=param_with_axes(default_kernel_init, axes), name=name)
+    gate = dense(self.mlp_dim, ("embed", "mlp"), "gate_proj")(x_BxTxD)
+    up = dense(self.mlp_dim, ("embed", "mlp"), "up_proj")(x_BxTxD)
+    return dense(x_BxTxD.shape[-1], ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
+
+
+class DecoderLayer(nn.Module):
+  """One pre-norm Llama block; `(x, (k, v)) -> (x, (k, v))` so it can be scanned over layers."""
+
+  config: Any
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x_BxTxD, layer_cache, positions_BxT, mask_BxTxS, cache_index):
+    c = self.config
+    norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
+    x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
+    attn_out, layer_cache = Attention(
+        c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, self.dtype, self.param_dtype,
+        name="self_attn")(norm("input_layernorm")(x_BxTxD), positions_BxT, mask_BxTxS, layer_cache,
+                          cache_index)
+    h = x_BxTxD + attn_out
+    h = h + Mlp(c.mlp_dim, self.dtype, self.param_dtype, name="mlp")(
+        norm("post_attention_layernorm")(h))
+    return h, layer_cache
+
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def maybe_remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
+  """The layer class wrapped in `nn.remat` with a named policy ("none" leaves it as is)."""
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"remat_policy={policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+  if policy == "none":
+    return layer_cls
+  # No CSE prevention needed: the layers run inside scan.
+  return nn.remat(layer_cls, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+class DecoderStack(nn.Module):
+  """All decoder layers as one `nn.scan`, then the final RMSNorm."""
+
+  config: Any
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
+
+  @nn.compact
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache: KVCache | None = None):
+    c = self.config
+    scanned = nn.scan(
+        maybe_remat(DecoderLayer, self.remat_policy),
+        variable_axes={"params": 0},
+        split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
+        length=c.num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )(c, self.dtype, self.param_dtype, name="layers")
+    layer_caches = None if cache is None else (cache.k, cache.v)
+    index = None if cache is None else cache.index
+    x_BxTxD, layer_caches = scanned(x_BxTxD.astype(self.dtype), layer_caches, positions_BxT,
+                                    mask_BxTxS, index)
+    x_BxTxD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(x_BxTxD)
+    if cache is not None:
+      cache = KVCache(layer_caches[0], layer_caches[1], cache.index + x_BxTxD.shape[1])
+    return x_BxTxD, cache
+
+
+def causal_mask(valid_BxT: jax.Array) -> jax.Array:
+  """[B, T, T] mask for one forward over a whole (left-padded) sequence."""
+  t = valid_BxT.shape[1]
+  causal = jnp.tril(jnp.ones((t, t), bool))
+  return causal[None] & valid_BxT[:, None, :].astype(bool)
+
+
+def cache_mask(valid_BxS: jax.Array, cache_index: jax.Array, num_new: int) -> jax.Array:
+  """[B, T, S] mask for T new tokens written at `cache_index` into S cache slots.
+
+  valid_BxS marks the slots holding real tokens (zero on left padding and on unwritten slots is
+  fine: causality already hides slots at or beyond each query's own).
+  """
+  slots = valid_BxS.shape[1]
+  query_slot_T = cache_index + jnp.arange(num_new)
+  causal_TxS = jnp.arange(slots)[None, :] <= query_slot_T[:, None]
+  return causal_TxS[None] & valid_BxS[:, None, :].astype(bool)
+
+
+def positions_from_mask(valid_BxT: jax.Array) -> jax.Array:
+  """Positions as HF `generate` derives them: the first real token of each row is position 0."""
+  return jnp.maximum(jnp.cumsum(valid_BxT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def segment_mask(segment_ids_BxT: jax.Array) -> jax.Array:
+  """[B, T, T] causal mask that keeps packed segments apart; segment id 0 is padding."""
+  same = segment_ids_BxT[:, :, None] == segment_ids_BxT[:, None, :]
+  return causal_mask(segment_ids_BxT != 0) & same
+
+
+class LanguageModel(nn.Module):
+  """Token embedding, decoder stack (ending in the final norm) and the untied text head."""
+
+  config: Any
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  remat_policy: str = "none"
+
+  def setup(self):
+    c = self.config
+    self.embed_tokens = nn.Embed(
+        c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
+        embedding_init=param_with_axes(default_kernel_init, ("vocab", "embed")))
+    self.decoder = DecoderStack(c, self.dtype, self.param_dtype, self.remat_policy)
+    self.lm_head = nn.Dense(
+        c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
+        kernel_init=param_with_axes(default_kernel_init, ("embed", "vocab")))
+
+  def embed(self, ids_BxT: jax.Array) -> jax.Array:
+    return self.embed_tokens(ids_BxT)
+
+  def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None):
+    return self.decoder(x_BxTxD, positions_BxT, mask_BxTxS, cache)
+
+  def logits(self, hidden_BxTxD: jax.Array) -> jax.Array:
+    return self.lm_head(hidden_BxTxD)
