@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 
@@ -102,6 +103,13 @@ def reference_key_shapes(d: int, mlp: int, layers: int, vocab: int = 102400):
   return keys
 
 
+@functools.lru_cache(maxsize=None)
+def tiny_params(seed: int = 0):
+  """Tiny params, initialised once per session (XLA:CPU compiles init slowly)."""
+  model = janus_lib.build(load_config("tiny").model)
+  return nn.unbox(jax.jit(lambda k: janus_lib.init_params(model, k))(jax.random.key(seed)))
+
+
 def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
 
@@ -138,7 +146,7 @@ def test_every_parameter_has_logical_axes():
 def test_bfloat16_compute_and_params_track_float32():
   cfg = load_config("tiny").model
   f32 = janus_lib.build(cfg)
-  params = nn.unbox(janus_lib.init_params(f32, jax.random.key(0)))
+  params = tiny_params()
   cfg_bf16 = cfg.copy_and_resolve_references()
   cfg_bf16.dtype = cfg_bf16.param_dtype = "bfloat16"
   bf16 = janus_lib.build(cfg_bf16)
@@ -155,8 +163,8 @@ def test_bfloat16_compute_and_params_track_float32():
     hidden, _ = module(x, llm.positions_from_mask(valid), llm.causal_mask(valid))
     return module.text_logits(hidden), module.image_logits(hidden), module.vq_decode(ids[:, :4] % 64)
 
-  ref = f32.apply({"params": params}, method=run)
-  out = bf16.apply({"params": params_bf16}, method=run)
+  ref = jax.jit(lambda p: f32.apply({"params": p}, method=run))(params)
+  out = jax.jit(lambda p: bf16.apply({"params": p}, method=run))(params_bf16)
   for r, o in zip(ref, out):
     assert o.dtype == jnp.float32  # heads and pixels come back in float32
     err = float(jnp.abs(o - r).max() / (jnp.abs(r).max() + 1e-6))
@@ -166,7 +174,7 @@ def test_bfloat16_compute_and_params_track_float32():
 @pytest.mark.parametrize("policy", ["full", "dots"])
 def test_remat_policies_keep_values_and_gradients(policy):
   cfg = load_config("tiny").model
-  params = nn.unbox(janus_lib.init_params(janus_lib.build(cfg), jax.random.key(1)))
+  params = tiny_params()
   ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 10)))
 
   def loss(p, module):
