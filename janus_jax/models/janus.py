@@ -36,7 +36,7 @@ class Janus(nn.Module):
     kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
     d = c.llm.hidden_size
     self.understanding_encoder = siglip.VisionTransformer(c.vision, remat_policy=c.remat_policy, **kw)
-    self.understanding_aligner = adapters.MlpAligner(d, c.aligner_depth, input_axis="embed", **kw)
+    self.understanding_aligner = adapters.MlpAligner(d, c.aligner_depth, **kw)
     self.generation_tokenizer = vq.VQModel(c.vq, **kw)
     self.generation_embed = nn.Embed(
         c.vq.codebook_size, c.vq.codebook_dim, **kw,

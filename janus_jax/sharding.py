@@ -1,0 +1,109 @@
+"""Device mesh and the ONE table that maps logical axis names to mesh axes.
+
+Parameters are tagged with logical names in the model (`embed`, `mlp`, `vocab`, ...); activations
+with `act_*` names. `LOGICAL_RULES` decides where each lives on the ('data', 'fsdp', 'tensor') mesh:
+weights are sharded on `embed` over `fsdp` at rest (FSDP) and on `mlp`/`heads`/`vocab` over `tensor`
+(tensor parallelism); the batch is split over both `data` and `fsdp`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+# logical name -> mesh axis (or axes, or None = replicated). Flax skips a mesh axis already used by
+# an earlier dimension of the same array, so e.g. [embed, mlp] -> P('fsdp', 'tensor').
+LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("layers", None),
+    ("norm", None),
+    ("patches", None),
+    ("codebook", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    # activations
+    ("act_batch", BATCH_AXES),
+    ("act_seq", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_vocab", "tensor"),
+)
+
+
+def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A ('data', 'fsdp', 'tensor') mesh; one entry may be -1 (all remaining devices).
+
+  Axes are `Auto` (classic GSPMD propagation): jax 0.10's default `Explicit` axes reject
+  the ambiguous contractions of a sharded backward pass.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  shape = list(shape)
+  if len(shape) != 3:
+    raise ValueError(f"mesh shape {shape} must have 3 entries for axes {MESH_AXES}")
+  if shape.count(-1) > 1:
+    raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
+  known = int(np.prod([s for s in shape if s != -1]))
+  if -1 in shape:
+    if len(devices) % known:
+      raise ValueError(f"mesh shape {shape} does not divide {len(devices)} devices")
+    shape[shape.index(-1)] = len(devices) // known
+  if int(np.prod(shape)) != len(devices):
+    raise ValueError(f"mesh shape {tuple(shape)} needs {int(np.prod(shape))} devices, "
+                     f"but {len(devices)} are available")
+  return jax.make_mesh(tuple(shape), MESH_AXES, devices=devices,
+                       axis_types=(jax.sharding.AxisType.Auto,) * 3)
+
+
+def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> Any:
+  """A tree of `nn.LogicallyPartitioned` boxes (or PartitionSpecs of logical names) -> NamedShardings."""
+  specs = nn.get_partition_spec(logical_tree)
+  return nn.logical_to_mesh_sharding(specs, mesh, list(rules))
+
+
+def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
+  """NamedShardings for params from their boxed abstract tree (`janus.abstract_params`).
+
+  A dimension that the mesh axes do not divide is replicated instead (small test models).
+  """
+  shardings = logical_to_sharding(abstract_boxed_params, mesh)
+  shapes = nn.unbox(abstract_boxed_params)
+  return jax.tree.map(lambda s, x: _divisible_or_replicated(s, x.shape, mesh), shardings, shapes)
+
+
+def _divisible_or_replicated(sharding: NamedSharding, shape, mesh: Mesh) -> NamedSharding:
+  spec = list(sharding.spec) + [None] * (len(shape) - len(sharding.spec))
+  for i, axes in enumerate(spec):
+    if axes is None:
+      continue
+    names = axes if isinstance(axes, tuple) else (axes,)
+    if shape[i] % int(np.prod([mesh.shape[n] for n in names])):
+      spec[i] = None
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
+  """Leading (batch) axis over data x fsdp, the rest replicated."""
+  return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def axis_rules():
+  """Context manager that makes the model's `nn.with_logical_constraint` calls bind to the mesh."""
+  return nn.logical_axis_rules(list(LOGICAL_RULES))
