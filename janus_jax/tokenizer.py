@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -84,6 +85,13 @@ class Tokenizer:
     self._model_name = model_name
     if self.token_to_id(IMAGE_TAG) is None:
       self._add_special(IMAGE_TAG)
+    self._sp_control_re = None
+    if self._is_sp:
+      sp = self._backend
+      controls = [sp.id_to_piece(i) for i in (sp.bos_id(), sp.eos_id(), sp.pad_id()) if i >= 0]
+      if controls:
+        self._sp_control_re = re.compile(
+            "(" + "|".join(map(re.escape, sorted(controls, key=len, reverse=True))) + ")")
 
   # ---------------------------------------------------------------- loading / saving
 
@@ -234,14 +242,27 @@ class Tokenizer:
   def encode(self, text: str, add_bos: bool = True) -> list[int]:
     """text -> ids, BOS first when `add_bos`; EOS is never appended (as the reference)."""
     if self._is_sp:
-      ids = self._backend.encode(text)
+      ids = self._sp_encode(text)
     else:
       ids = self._backend.encode(text, add_special_tokens=False).ids
     return self._with_bos(list(ids), add_bos)
 
+  def _sp_encode(self, text: str) -> list[int]:
+    # sentencepiece never matches control pieces (bos/eos/pad) in text, but tokenizer.json does
+    # and the chat template writes the EOS string: map those strings to their ids here.
+    if self._sp_control_re is None or self._sp_control_re.search(text) is None:
+      return self._backend.encode(text)
+    ids: list[int] = []
+    for k, part in enumerate(self._sp_control_re.split(text)):
+      if k % 2:
+        ids.append(self._backend.piece_to_id(part))
+      elif part:
+        ids += self._backend.encode(part)
+    return ids
+
   def encode_batch(self, texts: Sequence[str], add_bos: bool = True) -> list[list[int]]:
     if self._is_sp:
-      rows = self._backend.encode(list(texts))
+      rows = [self._sp_encode(t) for t in texts]
     else:
       rows = [e.ids for e in self._backend.encode_batch(list(texts), add_special_tokens=False)]
     return [self._with_bos(list(r), add_bos) for r in rows]
@@ -273,7 +294,8 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int,
                         dst_path: str | os.PathLike) -> Path:
   """Trains a small BPE sentencepiece model on `lines` and writes it to `dst_path` (a `.model`).
 
-  Ids 0..3 are pad/unk/bos/eos, then the Janus symbols (`SP_SPECIALS`), always one piece each even
+  Ids 0..3 are pad/unk/bos/eos (named `<｜▁pad▁｜>`, `<unk>`, `<｜begin▁of▁sentence｜>`,
+  `<｜end▁of▁sentence｜>`), then the Janus symbols (`SP_SPECIALS`), always one piece each even
   inside running text. Byte fallback covers any character; identity normalisation without a
   dummy prefix or whitespace folding makes decode(encode(text)) == text.
   """
@@ -282,7 +304,9 @@ def train_sentencepiece(lines: Iterable[str], vocab_size: int,
       sentence_iterator=iter(list(lines)), model_writer=buf, model_type="bpe",
       vocab_size=vocab_size, character_coverage=1.0,
       pad_id=0, unk_id=1, bos_id=2, eos_id=3,  # pad is disabled (-1) unless set
-      pad_piece="<pad>", unk_piece="<unk>", bos_piece="<bos>", eos_piece="<eos>",
+      # DeepSeek's strings for the control pieces, so prompts (the template writes the EOS string
+      # after assistant turns) and decoded text read the same as with tokenizer.json.
+      pad_piece=PAD_TAG, unk_piece="<unk>", bos_piece=BOS_TOKEN, eos_piece=EOS_TOKEN,
       user_defined_symbols=list(SP_SPECIALS), byte_fallback=True,
       normalization_rule_name="identity", remove_extra_whitespaces=False, add_dummy_prefix=False,
       num_threads=1, minloglevel=2)

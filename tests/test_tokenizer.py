@@ -15,7 +15,8 @@ from janus_jax.tokenizer import Tokenizer, train_sentencepiece
 # Order chosen so no id coincides with an assumed default (pad is not 2, placeholder not 3).
 HF_SPECIALS = [tk.BOS_TOKEN, tk.EOS_TOKEN, tk.USER_TAG, tk.ASSISTANT_TAG, tk.IMAGE_START_TAG,
                tk.IMAGE_END_TAG, tk.PAD_TAG, tk.IMAGE_TAG]
-CORPUS = ([f"The quick brown fox {i} jumps over the lazy dog; price ${i * 7}.00!" for i in range(60)]
+CORPUS = ([f"The quick brown fox {i} jumps over the lazy dog; price ${i * 7}.00!"
+           for i in range(60)]
           + ["Hello, how are you?", "A snowman ☃, 漢字 and naïve café.", "Describe the image.\n\n"])
 TEXTS = ["Hello, how are you?", "  two  spaces\n\nand\ttabs  ", "snowman ☃ 漢字 emoji 🙂",
          f"{tk.USER_TAG}: {tk.IMAGE_TAG}\nWhat is this?\n\n{tk.ASSISTANT_TAG}:", "", "x"]
@@ -109,7 +110,10 @@ def test_sp_special_ids(sp_dir):
   assert (t.pad_id, t.bos_id, t.eos_id) == (0, 2, 3)
   assert [t.token_to_id(s) for s in tk.SP_SPECIALS] == [4, 5, 6, 7, 8]
   assert t.decode([2, *t.encode("hi", add_bos=False), 3], skip_special_tokens=False) == \
-      "<bos>hi<eos>"
+      f"{tk.BOS_TOKEN}hi{tk.EOS_TOKEN}"
+  # Control strings in text map to their ids, as tokenizer.json's special tokens do.
+  ids = t.encode(f"a{tk.EOS_TOKEN}b{tk.PAD_TAG}", add_bos=False)
+  assert ids == t.encode("a", add_bos=False) + [3] + t.encode("b", add_bos=False) + [0]
 
 
 def test_matches_transformers_fast_tokenizer(hf_dir):
