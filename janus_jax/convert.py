@@ -12,7 +12,14 @@ Scanned stacks (LLM and vision layers) carry a leading `layers` axis; their keys
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
+import pickle
 import re
+import shutil
+import sys
+import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -128,9 +135,11 @@ def _flat_abstract(model: janus_lib.Janus) -> dict[tuple[str, ...], Any]:
 
 def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: janus_lib.Janus,
                               source: str = "state dict") -> Any:
-  """Our params from a `transformers` Janus state dict of numpy arrays (any float dtype).
+  """Our params (numpy, in the model's param dtype) from `transformers`-format tensors.
 
-  Raises KeyError / ValueError naming the missing, unexpected or mis-shaped key.
+  `state_dict` may be any mapping that reads tensors on demand (torch_io.TensorSource): tensors
+  are converted one at a time into preallocated leaves, so peak memory is the params plus one
+  tensor. Raises KeyError / ValueError naming the missing, unexpected or mis-shaped key.
   """
   flat = {}
   used = set()
@@ -140,18 +149,22 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: janus
     kind = _kind(path)
     keys = [key.format(i=i) for i in range(leaf.shape[0])] if stacked else [key]
     shape = leaf.shape[1:] if stacked else leaf.shape
-    parts = []
-    for k in keys:
+    out = np.empty(leaf.shape, dtype)
+    for i, k in enumerate(keys):
       if k not in state_dict:
         raise KeyError(f"{source}: missing tensor {k!r} (for parameter {'/'.join(path)})")
       tensor = np.asarray(state_dict[k])
       expected = _torch_shape(shape, kind, path)
       if tuple(tensor.shape) != expected:
         raise ValueError(f"{source}: tensor {k!r} has shape {tuple(tensor.shape)}, expected {expected}")
-      parts.append(torch_to_jax(tensor, kind, shape).astype(dtype))
+      converted = torch_to_jax(tensor, kind, shape)
+      if stacked:
+        out[i] = converted
+      else:
+        out[...] = converted
       used.add(k)
-    flat[path] = np.stack(parts) if stacked else parts[0]
-  unexpected = sorted(k for k in state_dict if k not in used and not IGNORED_HF_KEYS.search(k))
+    flat[path] = out
+  unexpected = sorted(k for k in state_dict.keys() if k not in used and not IGNORED_HF_KEYS.search(k))
   if unexpected:
     raise KeyError(f"{source}: unexpected tensors {unexpected[:5]}"
                    f"{' and %d more' % (len(unexpected) - 5) if len(unexpected) > 5 else ''}")
@@ -196,3 +209,280 @@ def config_from_hf(hf: Mapping[str, Any]) -> ml_collections.ConfigDict:
                   grid_size=image_size // patch)
   return presets.janus(llm, vision, vq, aligner_depth=vis.get("depth", 2),
                        generation_aligner_depth=vqc.get("num_hidden_layers", 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The original (deepseek-ai) format: key names and config schema.
+
+def original_to_hf_key(key: str) -> list[tuple[str, Any]]:
+  """An original-format key -> [(HF key, transform)], [] for tensors never used.
+
+  transform is None (unchanged), ("third", i) for the fused ViT qkv, or "squeeze0".
+  """
+  if IGNORED_HF_KEYS.search(key):
+    return []
+  if key.startswith("language_model.model."):
+    return [("model.language_model." + key[len("language_model.model."):], None)]
+  if key == "language_model.lm_head.weight":
+    return [("lm_head.weight", None)]
+  vt = "vision_model.vision_tower."
+  if key.startswith(vt):
+    rest = key[len(vt):]
+    hv = "model.vision_model."
+    if rest == "pos_embed":
+      return [(hv + "embeddings.position_embedding.weight", "squeeze0")]
+    if rest.startswith("patch_embed.proj."):
+      return [(hv + "embeddings.patch_embedding." + rest.split(".")[-1], None)]
+    if rest.startswith("norm."):
+      return [(hv + "post_layernorm." + rest.split(".")[-1], None)]
+    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", rest)
+    if m:
+      layer, module, leaf = m.groups()
+      base = f"{hv}encoder.layers.{layer}."
+      if module == "attn.qkv":
+        return [(f"{base}self_attn.{p}_proj.{leaf}", ("third", i)) for i, p in enumerate("qkv")]
+      names = {"attn.proj": "self_attn.projection_layer", "norm1": "layer_norm1",
+               "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+      if module in names:
+        return [(f"{base}{names[module]}.{leaf}", None)]
+  for orig, hf in (("aligner.", "model.aligner."), ("gen_aligner.", "model.generation_aligner.")):
+    m = re.fullmatch(re.escape(orig) + r"layers\.(\d+)\.(weight|bias)", key)
+    if m:
+      index = int(m[1]) // 2  # Sequential(Linear, GELU, Linear, ...): Linears at even indices
+      return [(hf + ("fc1" if index == 0 else f"hidden_layers.{index - 1}") + "." + m[2], None)]
+  if key.startswith("gen_head."):
+    return [(key.replace("gen_head.output_mlp_projector.", "model.generation_head.proj_out.")
+             .replace("gen_head.vision_head.", "model.generation_head.vision_head."), None)]
+  if key == "gen_embed.weight":
+    return [("model.generation_embeddings.weight", None)]
+  if key.startswith("gen_vision_model."):
+    rest = key[len("gen_vision_model."):]
+    rest = re.sub(r"^encoder\.conv_blocks\.", "encoder.down.", rest)
+    rest = re.sub(r"^decoder\.conv_blocks\.", "decoder.up.", rest)
+    rest = rest.replace(".res.", ".block.")
+    rest = re.sub(r"\.mid\.0\.", ".mid.block_1.", rest)
+    rest = re.sub(r"\.mid\.1\.", ".mid.attn_1.", rest)
+    rest = re.sub(r"\.mid\.2\.", ".mid.block_2.", rest)
+    return [("model.vqmodel." + rest, None)]
+  return [(key, None)]  # unknown: reported as unexpected by the mapping
+
+
+class OriginalAsHF(Mapping):
+  """An original-format tensor source seen through `transformers` key names (lazily)."""
+
+  def __init__(self, source: Mapping[str, np.ndarray]):
+    self._source = source
+    self._map: dict[str, tuple[str, Any]] = {}
+    for key in source.keys():
+      for hf, transform in original_to_hf_key(key):
+        self._map[hf] = (key, transform)
+
+  def __getitem__(self, hf: str) -> np.ndarray:
+    key, transform = self._map[hf]
+    tensor = self._source[key]
+    if transform == "squeeze0":
+      return tensor.reshape(tensor.shape[1:]) if tensor.ndim == 3 else tensor
+    if transform is not None:
+      third = tensor.shape[0] // 3
+      return tensor[transform[1] * third:(transform[1] + 1) * third]
+    return tensor
+
+  def __iter__(self):
+    return iter(self._map)
+
+  def __len__(self) -> int:
+    return len(self._map)
+
+  def __contains__(self, hf) -> bool:
+    return hf in self._map
+
+
+# LlamaConfig defaults: the Pro-7B config.json lists only a few language fields.
+LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
+                      max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0)
+# The original code picks the SigLIP tower by name.
+SIGLIP_PRESETS = {"siglip_large_patch16_384": dict(width=1024, layers=24, heads=16, patch_size=16,
+                                                   mlp_ratio=4.0)}
+VQ16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256)
+
+
+def _params(cfg: Mapping[str, Any], block: str) -> dict[str, Any]:
+  if block not in cfg:
+    raise KeyError(f"config.json: original-format config lacks {block!r}")
+  return dict(cfg[block].get("params", {}))
+
+
+def config_from_original(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
+  """Our model config from a deepseek-ai `MultiModalityCausalLM` config.json.
+
+  Extension for small models (the original code hard-codes the tower and VQ sizes by name and
+  ignores this): `vision_config.params.arch = {width, layers, heads, patch_size, mlp_ratio}` and
+  `gen_vision_config.params.arch = {ch, ch_mult, num_res_blocks, z_channels}`.
+  """
+  lang = {**LLAMA_DEFAULTS, **cfg["language_config"]}
+  heads = lang["num_attention_heads"]
+  llm = presets.llm(
+      lang["hidden_size"], lang["num_hidden_layers"], heads, lang["intermediate_size"],
+      num_kv_heads=lang["num_key_value_heads"] or heads, vocab_size=lang["vocab_size"],
+      head_dim=lang.get("head_dim") or lang["hidden_size"] // heads,
+      rope_theta=float(lang["rope_theta"]), rms_norm_eps=lang["rms_norm_eps"],
+      max_position_embeddings=lang["max_position_embeddings"])
+  vp = _params(cfg, "vision_config")
+  arch = vp.get("arch") or SIGLIP_PRESETS.get(vp.get("model_name", ""))
+  if arch is None:
+    raise ValueError(f"config.json: unknown vision tower {vp.get('model_name')!r} and no "
+                     f"vision_config.params.arch; known: {sorted(SIGLIP_PRESETS)}")
+  select_layer = vp.get("select_layer", -1)
+  layers = arch["layers"]
+  depth = min(layers, layers + select_layer + 1) if select_layer <= 0 else min(layers, select_layer)
+  image_size = vp.get("image_size", 384)
+  vision = presets.vision(image_size, arch["patch_size"], arch["width"], depth, arch["heads"],
+                          int(arch["width"] * arch.get("mlp_ratio", 4.0)))
+  gv = _params(cfg, "gen_vision_config")
+  vq_arch = {**VQ16, **gv.get("arch", {})}
+  vq = presets.vq(gv.get("image_token_size", 16384), gv.get("n_embed", 8), vq_arch["z_channels"],
+                  vq_arch["ch"], tuple(vq_arch["ch_mult"]), vq_arch["num_res_blocks"],
+                  grid_size=image_size // arch["patch_size"])
+  gh = _params(cfg, "gen_head_config")
+  if gh.get("n_embed", llm.hidden_size) != llm.hidden_size:
+    raise ValueError("config.json: gen_head_config.params.n_embed must equal the LLM hidden size")
+  return presets.janus(llm, vision, vq, aligner_depth=_params(cfg, "aligner_config").get("depth", 2),
+                       generation_aligner_depth=_params(cfg, "gen_aligner_config").get("depth", 2))
+
+
+def detect_schema(cfg: Mapping[str, Any], source: str = "config.json") -> str:
+  if "language_config" in cfg:
+    return "original"
+  if "text_config" in cfg:
+    return "hf"
+  raise ValueError(f"{source}: unknown config schema: expected the original Janus schema "
+                   f"(language_config, vision_config, ...) or the transformers one (text_config, "
+                   f"vision_config, vq_config); found keys {sorted(cfg)[:8]}")
+
+
+def model_config_from_json(cfg: Mapping[str, Any], source: str = "config.json"):
+  schema = detect_schema(cfg, source)
+  return config_from_original(cfg) if schema == "original" else config_from_hf(cfg)
+
+
+def hf_config_dict(config: ml_collections.ConfigDict, image_token_id: int | None = None,
+                   token_ids: Mapping[str, int] | None = None) -> dict[str, Any]:
+  """A `transformers` JanusConfig dict for our model config (for export)."""
+  c = config
+  vis, vq = c.vision, c.vq
+  text = dict(model_type="llama", vocab_size=c.llm.vocab_size, hidden_size=c.llm.hidden_size,
+              intermediate_size=c.llm.mlp_dim, num_hidden_layers=c.llm.num_layers,
+              num_attention_heads=c.llm.num_heads, num_key_value_heads=c.llm.num_kv_heads,
+              head_dim=c.llm.head_dim, max_position_embeddings=c.llm.max_position_embeddings,
+              rms_norm_eps=c.llm.rms_norm_eps, rope_theta=c.llm.rope_theta, hidden_act="silu",
+              attention_bias=False, tie_word_embeddings=False, **dict(token_ids or {}))
+  vision = dict(model_type="janus_vision_model", hidden_size=vis.width, num_hidden_layers=vis.depth,
+                num_attention_heads=vis.num_heads, image_size=vis.image_size,
+                patch_size=vis.patch_size, mlp_ratio=vis.mlp_dim / vis.width,
+                layer_norm_eps=vis.layer_norm_eps, projection_dim=c.llm.hidden_size,
+                depth=c.aligner_depth, num_image_tokens=vq.grid_size**2, hidden_act="gelu")
+  vqd = dict(model_type="janus_vqgan", embed_dim=vq.codebook_dim, num_embeddings=vq.codebook_size,
+             latent_channels=vq.z_channels, base_channels=vq.base_channels,
+             channel_multiplier=list(vq.channel_multipliers), num_res_blocks=vq.num_res_blocks,
+             projection_dim=c.llm.hidden_size, num_hidden_layers=c.generation_aligner_depth,
+             image_token_embed_dim=c.llm.hidden_size, num_patches=vq.grid_size, hidden_act="gelu")
+  out = dict(model_type="janus", architectures=["JanusForConditionalGeneration"],
+             text_config=text, vision_config=vision, vq_config=vqd, tie_word_embeddings=False)
+  if image_token_id is not None:
+    out["image_token_id"] = int(image_token_id)
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole directories and the command line.
+
+def convert_directory(src: str, dtype: str = "bfloat16") -> tuple[ml_collections.ConfigDict, Any]:
+  """(model config, numpy params) from a PyTorch checkpoint directory in either format."""
+  from janus_jax import pretrained, torch_io
+
+  cfg_json = pretrained.read_json(os.path.join(src, "config.json"))
+  schema = detect_schema(cfg_json, os.path.join(src, "config.json"))
+  model_config = model_config_from_json(cfg_json)
+  model_config.dtype = model_config.param_dtype = dtype
+  tensors = torch_io.TensorSource(src)
+  view = OriginalAsHF(tensors) if schema == "original" else tensors
+  params = params_from_hf_state_dict(view, janus_lib.build(model_config), source=src)
+  return model_config, params
+
+
+def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", overwrite: bool = False,
+                       family: str | None = None) -> None:
+  from janus_jax import pretrained
+
+  if os.path.exists(dst) and not overwrite:
+    raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+  model_config, params = convert_directory(src, dtype)
+  pretrained.write_converted(dst, params, model_config, family or pretrained.detect_family(src),
+                             os.path.abspath(src), overwrite)
+
+
+def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False) -> None:
+  """A converted (or trained) directory -> `transformers`-format model.safetensors + config.json."""
+  from janus_jax import pretrained, torch_io
+
+  out = os.path.abspath(out)
+  if os.path.exists(out) and not overwrite:
+    raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
+  loaded = pretrained.load_pretrained(ckpt, with_tokenizer=False)
+  image_token_id = None
+  token_ids = {}
+  try:
+    from janus_jax import tokenizer as tokenizer_lib
+    tok = tokenizer_lib.Tokenizer.from_dir(ckpt)
+    image_token_id = tok.image_placeholder_id
+    token_ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
+  except (FileNotFoundError, KeyError, ValueError):
+    pass
+  parent = os.path.dirname(out)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+  try:
+    state = hf_state_dict_from_params(jax.device_get(loaded.params))
+    torch_io.write_safetensors(os.path.join(tmp, "model.safetensors"), state)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(hf_config_dict(loaded.config, image_token_id, token_ids), f, indent=2)
+    for name in os.listdir(ckpt):
+      if name in pretrained.SIDE_FILES or name.endswith(".model"):
+        shutil.copy2(os.path.join(ckpt, name), os.path.join(tmp, name))
+    if os.path.exists(out):
+      shutil.rmtree(out)
+    os.rename(tmp, out)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(
+      prog="python -m janus_jax.convert",
+      description="Convert a Janus / Janus-Pro PyTorch checkpoint directory (original or "
+                  "transformers format) to a janus_jax directory, or back with --to-pytorch.")
+  parser.add_argument("src", help="PyTorch checkpoint directory (or, with --to-pytorch, a janus_jax one)")
+  parser.add_argument("dst", help="output directory (written atomically)")
+  parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+  parser.add_argument("--overwrite", action="store_true", help="replace an existing dst")
+  parser.add_argument("--to-pytorch", action="store_true",
+                      help="export a janus_jax directory to transformers-format safetensors")
+  parser.add_argument("--family", choices=("janus", "janus_pro"), default=None,
+                      help="prompt template family (default: detected from the tokenizer files)")
+  args = parser.parse_args(argv)
+  try:
+    if args.to_pytorch:
+      export_to_pytorch(args.src, args.dst, args.overwrite)
+    else:
+      convert_checkpoint(args.src, args.dst, args.dtype, args.overwrite, args.family)
+  except (OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  print(f"wrote {args.dst}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,147 @@
+"""Converted checkpoint directories: writing them atomically, and `load_pretrained`.
+
+A converted directory holds
+  params/            orbax checkpoint of the params (stacked layers, our layout)
+  config.json        {"model": our model config, "family": "janus" | "janus_pro", "source": ...}
+  tokenizer files    tokenizer.json or *.model, tokenizer_config.json, special_tokens_map.json, ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from typing import Any
+
+import flax.linen as nn
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+
+from janus_jax import convert, sharding
+from janus_jax.models import janus as janus_lib
+
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+              "processor_config.json", "preprocessor_config.json", "tokenizer.model")
+CONVERTED_MARKER = "params"
+
+
+@dataclasses.dataclass
+class Pretrained:
+  model: janus_lib.Janus
+  params: Any
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  processor: Any
+  family: str
+
+
+def read_json(path: str) -> dict[str, Any]:
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except FileNotFoundError:
+    raise FileNotFoundError(f"{path}: not found") from None
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{path}: not valid JSON: {e}") from e
+
+
+def detect_family(directory: str) -> str:
+  """Janus-Pro's templates use the special role tokens `<|User|>`; Janus-1.3B plain `User`."""
+  specials = os.path.join(directory, "special_tokens_map.json")
+  if os.path.exists(specials):
+    extra = read_json(specials).get("additional_special_tokens", [])
+    names = [t if isinstance(t, str) else t.get("content", "") for t in extra]
+    return "janus_pro" if "<|User|>" in names else "janus"
+  return "janus_pro"
+
+
+def write_converted(dst: str, params: Any, model_config: ml_collections.ConfigDict, family: str,
+                    src: str | None, overwrite: bool, extra: dict[str, Any] | None = None) -> None:
+  """Build everything in a temporary sibling of dst, then rename: dst is never half-written."""
+  dst = os.path.abspath(dst)
+  if os.path.exists(dst) and not overwrite:
+    raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+  parent = os.path.dirname(dst)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+  try:
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(os.path.join(tmp, CONVERTED_MARKER), params)
+    checkpointer.wait_until_finished()
+    meta = {"model": model_config.to_dict(), "family": family, "source": src, **(extra or {})}
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(meta, f, indent=2, default=list)
+    if src:
+      for name in os.listdir(src):
+        if name in SIDE_FILES or name.endswith(".model"):
+          shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    if os.path.exists(dst):
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+      os.rename(dst, os.path.join(old, "x"))
+      os.rename(tmp, dst)
+      shutil.rmtree(old, ignore_errors=True)
+    else:
+      os.rename(tmp, dst)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+
+
+def _model_config_from_meta(meta: dict[str, Any]) -> ml_collections.ConfigDict:
+  cfg = ml_collections.ConfigDict(meta["model"])
+  cfg.vq.channel_multipliers = tuple(cfg.vq.channel_multipliers)
+  return cfg
+
+
+def restore_params(directory: str, model: janus_lib.Janus, mesh=None) -> Any:
+  """Params of a converted directory in the model's param dtype, on mesh (or the default device)."""
+  abstract = janus_lib.abstract_params(model)
+  if mesh is not None:
+    shardings = sharding.param_shardings(abstract, mesh)
+  else:
+    shardings = jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
+                             nn.unbox(abstract))
+  target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        nn.unbox(abstract), shardings)
+  path = os.path.join(os.path.abspath(directory), CONVERTED_MARKER)
+  return ocp.StandardCheckpointer().restore(path, target)
+
+
+def _load_side(directory: str, family: str, model_config):
+  from janus_jax import processing, tokenizer  # imported here: optional files for bare params
+
+  tok = tokenizer.Tokenizer.from_dir(directory)
+  proc = processing.Processor(tok, family, image_size=model_config.vision.image_size,
+                              num_image_tokens=model_config.vq.grid_size**2)
+  return tok, proc
+
+
+def load_pretrained(path: str, dtype: str | None = None, mesh=None, with_tokenizer: bool = True
+                    ) -> Pretrained:
+  """A converted directory, or a PyTorch checkpoint directory converted on the fly (in memory).
+
+  dtype: parameter dtype ("bfloat16" / "float32"; default: as stored). The model computes in
+  the same dtype. mesh: place params by the sharding rules.
+  """
+  path = os.path.abspath(path)
+  meta = read_json(os.path.join(path, "config.json"))
+  if os.path.isdir(os.path.join(path, CONVERTED_MARKER)) and "model" in meta:
+    cfg = _model_config_from_meta(meta)
+    family = meta.get("family", "janus_pro")
+    if dtype:
+      cfg.dtype = cfg.param_dtype = dtype
+    model = janus_lib.build(cfg)
+    params = restore_params(path, model, mesh)
+  else:
+    cfg, params_np = convert.convert_directory(path, dtype or "float32")
+    family = detect_family(path)
+    model = janus_lib.build(cfg)
+    if mesh is not None:
+      params = jax.device_put(params_np, sharding.param_shardings(janus_lib.abstract_params(model), mesh))
+    else:
+      params = jax.device_put(params_np)
+  tok, proc = _load_side(path, family, cfg) if with_tokenizer else (None, None)
+  return Pretrained(model, params, cfg, tok, proc, family)

@@ -1,0 +1,284 @@
+"""The checkpoint converter: both released formats in, `transformers` format out, errors."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import pickle
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import checkpoints
+from janus_jax import convert, pretrained, torch_io
+from janus_jax.models import janus as janus_lib
+from janus_jax.models import llm
+from test_model_shapes import load_config
+
+IMAGE_TOKEN = 5
+
+
+@functools.lru_cache(maxsize=None)
+def _oracle():
+  return checkpoints.build_oracle("gqa", seed=3)
+
+
+@pytest.fixture(scope="module")
+def hf_model():
+  return _oracle()
+
+
+def _reference_outputs(hf, ids, valid, pixels):
+  positions = np.maximum(np.cumsum(valid, 1) - 1, 0)
+  with torch.no_grad():
+    out = hf(input_ids=torch.from_numpy(ids), pixel_values=torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy()),
+             attention_mask=torch.from_numpy(valid.astype(np.int64)),
+             position_ids=torch.from_numpy(positions))
+    hf.model.vqmodel.quantize.quant_state_dims = [4, 4]
+    decoded = hf.model.vqmodel.decode(torch.from_numpy(ids[:, :16] % 64)).numpy().transpose(0, 2, 3, 1)
+  return out.logits.numpy(), decoded
+
+
+def _assert_matches_oracle(loaded: pretrained.Pretrained, hf):
+  rng = np.random.default_rng(0)
+  ids = rng.integers(10, 256, (2, 24))
+  ids[:, 4:20] = IMAGE_TOKEN
+  valid = np.ones(ids.shape, bool)
+  valid[1, :2] = False
+  pixels = rng.uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+
+  def run(m):
+    x = m.embed_inputs(ids, ids == IMAGE_TOKEN, pixels[:, None])
+    v = jnp.asarray(valid)
+    hidden, _ = m(x, llm.positions_from_mask(v), llm.causal_mask(v))
+    return m.text_logits(hidden), m.vq_decode(ids[:, :16] % 64)
+
+  logits, decoded = jax.jit(lambda p: loaded.model.apply({"params": p}, method=run))(loaded.params)
+  ref_logits, ref_decoded = _reference_outputs(hf, ids, valid, pixels)
+  np.testing.assert_allclose(np.asarray(logits)[valid], ref_logits[valid], atol=1e-4, rtol=1e-4)
+  np.testing.assert_allclose(decoded, ref_decoded, atol=1e-4)
+
+
+@pytest.mark.parametrize("layout", ["original-safetensors", "original-bin", "original-bin_shards", "hf"])
+def test_convert_each_layout_reproduces_the_oracle(tmp_path, hf_model, layout):
+  src = str(tmp_path / "src")
+  if layout == "hf":
+    checkpoints.write_hf(src, hf_model)
+  else:
+    checkpoints.write_original(src, hf_model, layout.split("-")[1])
+  dst = str(tmp_path / "converted")
+  assert convert.main([src, dst, "--dtype", "float32"]) == 0
+  assert sorted(os.listdir(tmp_path)) == ["converted", "src"]  # no temporary left behind
+  loaded = pretrained.load_pretrained(dst, with_tokenizer=False)
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(loaded.params))
+  _assert_matches_oracle(loaded, hf_model)
+
+
+def test_load_pretrained_converts_pytorch_directories_on_the_fly(tmp_path, hf_model):
+  src = checkpoints.write_original(str(tmp_path / "src"), hf_model, "bin")
+  loaded = pretrained.load_pretrained(src, dtype="float32", with_tokenizer=False)
+  _assert_matches_oracle(loaded, hf_model)
+  assert sorted(os.listdir(src)) == ["config.json", "pytorch_model.bin"]  # nothing written
+
+
+def test_bfloat16_conversion_and_mesh_placement(tmp_path, hf_model):
+  src = checkpoints.write_hf(str(tmp_path / "src"), hf_model)
+  dst = str(tmp_path / "bf16")
+  assert convert.main([src, dst]) == 0
+  from janus_jax import sharding
+  mesh = sharding.make_mesh((2, 2, 2))
+  loaded = pretrained.load_pretrained(dst, mesh=mesh, with_tokenizer=False)
+  kernel = loaded.params["llm"]["decoder"]["layers"]["mlp"]["gate_proj"]["kernel"]
+  assert kernel.dtype == jnp.bfloat16 and kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
+  ref = hf_model.state_dict()["model.language_model.layers.1.mlp.gate_proj.weight"]
+  np.testing.assert_array_equal(np.asarray(kernel[1]).astype(np.float32),
+                                ref.to(torch.bfloat16).float().numpy().T)
+
+
+def test_original_to_jax_to_transformers_is_bit_exact(tmp_path, hf_model):
+  from transformers import JanusForConditionalGeneration
+
+  src = checkpoints.write_original(str(tmp_path / "src"), hf_model, "safetensors")
+  jax_dir, out = str(tmp_path / "jax"), str(tmp_path / "exported")
+  assert convert.main([src, jax_dir, "--dtype", "float32"]) == 0
+  assert convert.main([jax_dir, out, "--to-pytorch"]) == 0
+  reloaded, info = JanusForConditionalGeneration.from_pretrained(out, output_loading_info=True)
+  assert not info["missing_keys"] and not info["unexpected_keys"], info
+  assert not reloaded.config.tie_word_embeddings
+  ref = hf_model.state_dict()
+  got = reloaded.state_dict()
+  assert set(got) == set(ref)
+  for key in ref:
+    assert torch.equal(got[key], ref[key]), key
+
+
+def _expect_failure(tmp_path, src, match):
+  dst = str(tmp_path / "dst")
+  with pytest.raises((KeyError, ValueError, torch_io.UnsafeCheckpointError), match=match):
+    convert.convert_checkpoint(src, dst, "float32")
+  assert not os.path.exists(dst)
+  assert not [n for n in os.listdir(tmp_path) if n.startswith(".dst")]
+  assert convert.main([src, dst]) == 1  # the CLI reports it too
+
+
+def _original_state(hf_model):
+  return {k: v.contiguous() for k, v in checkpoints.hf_to_original(hf_model.state_dict()).items()}
+
+
+def _write_state(tmp_path, hf_model, state):
+  from safetensors.torch import save_file
+
+  src = tmp_path / "src"
+  src.mkdir()
+  (src / "config.json").write_text(json.dumps(checkpoints.original_config(hf_model.config)))
+  save_file(state, str(src / "model.safetensors"))
+  return str(src)
+
+
+def test_missing_tensor_names_the_key(tmp_path, hf_model):
+  state = _original_state(hf_model)
+  del state["gen_head.vision_head.bias"]
+  _expect_failure(tmp_path, _write_state(tmp_path, hf_model, state),
+                  "missing tensor 'model.generation_head.vision_head.bias'")
+
+
+def test_unexpected_tensor_is_reported(tmp_path, hf_model):
+  state = _original_state(hf_model)
+  state["language_model.model.layers.7.mlp.up_proj.weight"] = torch.zeros(2, 2)
+  _expect_failure(tmp_path, _write_state(tmp_path, hf_model, state), "unexpected tensors.*layers.7")
+
+
+def test_shape_mismatch_names_key_expected_and_found(tmp_path, hf_model):
+  state = _original_state(hf_model)
+  state["gen_embed.weight"] = torch.zeros(64, 9)
+  _expect_failure(tmp_path, _write_state(tmp_path, hf_model, state),
+                  r"'model.generation_embeddings.weight' has shape \(64, 9\), expected \(64, 8\)")
+
+
+def test_unknown_schema(tmp_path, hf_model):
+  src = checkpoints.write_original(str(tmp_path / "src"), hf_model, "safetensors")
+  with open(os.path.join(src, "config.json"), "w") as f:
+    json.dump({"model_type": "something_else"}, f)
+  _expect_failure(tmp_path, src, "unknown config schema")
+
+
+@pytest.mark.parametrize("layout", ["safetensors", "bin"])
+def test_truncated_file(tmp_path, hf_model, layout):
+  src = checkpoints.write_original(str(tmp_path / "src"), hf_model, layout)
+  path = os.path.join(src, "model.safetensors" if layout == "safetensors" else "pytorch_model.bin")
+  size = os.path.getsize(path)
+  with open(path, "r+b") as f:
+    f.truncate(size // 2)
+  _expect_failure(tmp_path, src, "truncated|corrupt")
+
+
+def test_pickle_that_would_run_code_is_refused(tmp_path, hf_model):
+  src = checkpoints.write_original(str(tmp_path / "src"), hf_model, "bin")
+  marker = tmp_path / "pwned"
+
+  class Payload:
+    def __reduce__(self):
+      return (os.system, (f"touch {marker}",))
+
+  state = torch.load(os.path.join(src, "pytorch_model.bin"), weights_only=True)
+  state["evil"] = Payload()
+  torch.save(state, os.path.join(src, "pytorch_model.bin"), pickle_module=pickle)
+  _expect_failure(tmp_path, src, "refusing to load.*system")
+  assert not marker.exists()
+
+
+def test_existing_destination_needs_overwrite_and_survives_a_failed_overwrite(tmp_path, hf_model):
+  good = checkpoints.write_hf(str(tmp_path / "good"), hf_model)
+  dst = str(tmp_path / "dst")
+  convert.convert_checkpoint(good, dst, "float32")
+  with pytest.raises(FileExistsError, match="--overwrite"):
+    convert.convert_checkpoint(good, dst, "float32")
+  state = _original_state(hf_model)
+  del state["gen_embed.weight"]
+  bad = tmp_path / "bad"
+  bad.mkdir()
+  (bad / "config.json").write_text(json.dumps(checkpoints.original_config(hf_model.config)))
+  from safetensors.torch import save_file
+  save_file(state, str(bad / "model.safetensors"))
+  with pytest.raises(KeyError):
+    convert.convert_checkpoint(str(bad), dst, "float32", overwrite=True)
+  _assert_matches_oracle(pretrained.load_pretrained(dst, with_tokenizer=False), hf_model)
+  convert.convert_checkpoint(good, dst, "bfloat16", overwrite=True)
+  assert pretrained.load_pretrained(dst, with_tokenizer=False).config.param_dtype == "bfloat16"
+
+
+# --- config translation ------------------------------------------------------------------------
+
+SIGLIP_PARAMS = {"image_size": 384, "model_name": "siglip_large_patch16_384",
+                 "select_feature": "same", "select_layer": -1}
+
+
+def _released_original_config(d: int, language_config: dict) -> dict:
+  """As in the released config.json files (reference facts, section 2)."""
+  return {
+      "architectures": ["MultiModalityCausalLM"], "model_type": "multi_modality",
+      "language_config": language_config,
+      "vision_config": {"cls": "CLIPVisionTower", "model_type": "vision", "params": SIGLIP_PARAMS},
+      "aligner_config": {"cls": "MlpProjector", "model_type": "aligner",
+                         "params": {"depth": 2, "input_dim": 1024, "n_embed": d, "projector_type": "mlp_gelu"}},
+      "gen_vision_config": {"cls": "VQ-16", "model_type": "gen_vision",
+                            "params": {"image_token_size": 16384, "n_embed": 8}},
+      "gen_aligner_config": {"cls": "MlpProjector", "model_type": "gen_aligner",
+                             "params": {"depth": 2, "input_dim": 8, "n_embed": d, "projector_type": "mlp_gelu"}},
+      "gen_head_config": {"cls": "vision_head", "model_type": "gen_head",
+                          "params": {"image_token_embed": d, "image_token_size": 16384, "n_embed": d}},
+  }
+
+
+def test_released_pro_7b_config_with_sparse_language_fields():
+  sparse = {"_attn_implementation_autoset": True, "max_position_embeddings": 16384,
+            "model_type": "llama", "num_hidden_layers": 30, "torch_dtype": "bfloat16",
+            "vocab_size": 102400}
+  ours = convert.model_config_from_json(_released_original_config(4096, sparse))
+  assert ours.to_dict() == load_config("janus_pro_7b").model.to_dict()
+
+
+@pytest.mark.parametrize("name", ["janus_pro_1b", "janus_1_3b"])
+def test_released_1b_configs(name):
+  lang = {"hidden_size": 2048, "intermediate_size": 5632, "max_position_embeddings": 16384,
+          "model_type": "llama", "num_attention_heads": 16, "num_hidden_layers": 24,
+          "num_key_value_heads": 16, "torch_dtype": "bfloat16", "vocab_size": 102400}
+  ours = convert.model_config_from_json(_released_original_config(2048, lang))
+  assert ours.to_dict() == load_config(name).model.to_dict()
+
+
+def test_transformers_schema_maps_to_the_same_config():
+  """deepseek-community/Janus-Pro-1B's config (JanusConfig with the released sub-configs)."""
+  from transformers import JanusConfig
+
+  text = dict(model_type="llama", vocab_size=102400, hidden_size=2048, intermediate_size=5632,
+              num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+              max_position_embeddings=16384, rms_norm_eps=1e-6, rope_theta=10000.0)
+  hf = JanusConfig(text_config=text, vision_config=dict(projection_dim=2048),
+                   vq_config=dict(projection_dim=2048, image_token_embed_dim=2048),
+                   tie_word_embeddings=False).to_dict()
+  assert convert.config_from_hf(hf).to_dict() == load_config("janus_pro_1b").model.to_dict()
+  # ... and export writes back a config that transformers reads as the same model.
+  again = convert.config_from_hf(JanusConfig(**convert.hf_config_dict(convert.config_from_hf(hf))).to_dict())
+  assert again.to_dict() == load_config("janus_pro_1b").model.to_dict()
+
+
+def test_select_layer_truncates_the_tower():
+  cfg = _released_original_config(2048, {"hidden_size": 2048, "num_attention_heads": 16})
+  cfg["vision_config"]["params"] = {**SIGLIP_PARAMS, "select_layer": -2}
+  assert convert.model_config_from_json(cfg).vision.depth == 23
+  cfg["vision_config"]["params"] = {**SIGLIP_PARAMS, "model_name": "mystery_vit"}
+  with pytest.raises(ValueError, match="unknown vision tower 'mystery_vit'"):
+    convert.model_config_from_json(cfg)
+
+
+def test_eval_shape_of_a_converted_config_matches_the_model():
+  """The converter builds its targets from the model: nothing to drift between the two."""
+  model = janus_lib.build(load_config("tiny").model)
+  flat = convert._flat_abstract(model)
+  keys = {convert.hf_key(path)[0] for path in flat}
+  assert len(keys) == len(flat)  # every parameter has its own key
