@@ -1,0 +1,344 @@
+"""Sampling for Janus: text-to-image tokens with classifier-free guidance, image decode, and text.
+
+Everything after the host builds the padded prompt runs in two jitted calls: a prefill over the
+prompt bucket that fills a preallocated KV cache, then one `lax.scan` (images: a fixed number of
+steps) or `lax.while_loop` (text: stops at EOS) that samples, embeds and runs the trunk per token.
+
+Layouts. Image generation runs 2 rows per image, interleaved: row 2i is the conditional prompt and
+row 2i + 1 the unconditional one (every real token except BOS and `<begin_of_image>` replaced by
+pad). Batch sharding splits rows in contiguous blocks, so with an image count divisible by the
+data-parallel size a cond/uncond pair never straddles devices and the CFG mix stays local.
+Prompts are left-padded; the first real token of a row is position 0 (llm.positions_from_mask).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from janus_jax import sharding
+from janus_jax.models import janus as janus_lib
+from janus_jax.models import llm
+
+Janus = janus_lib.Janus
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Static sampling settings. temperature 0 = greedy (argmax); top_k 0 and top_p 1 = off."""
+
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  def __post_init__(self):
+    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+      raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, top_k >= 0, "
+                       "0 < top_p <= 1")
+
+
+GREEDY = Sampler(temperature=0.0)
+
+
+def cfg_logits(cond_BxV: jax.Array, uncond_BxV: jax.Array, weight) -> jax.Array:
+  """Classifier-free guidance as the reference mixes it: uncond + w (cond - uncond), in float32."""
+  cond_BxV, uncond_BxV = cond_BxV.astype(jnp.float32), uncond_BxV.astype(jnp.float32)
+  return uncond_BxV + weight * (cond_BxV - uncond_BxV)
+
+
+def sample_logits(rng: jax.Array, logits_BxV: jax.Array, settings: Sampler) -> jax.Array:
+  """One id per row [B] int32: temperature, then top-k, then top-p (the HF warper order)."""
+  logits_BxV = logits_BxV.astype(jnp.float32)
+  if settings.temperature == 0:
+    return jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
+  logits_BxV = logits_BxV / settings.temperature
+  neg_inf = jnp.finfo(jnp.float32).min
+  if 0 < settings.top_k < logits_BxV.shape[-1]:
+    kth_Bx1 = jax.lax.top_k(logits_BxV, settings.top_k)[0][:, -1:]
+    logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, neg_inf)
+  if settings.top_p < 1.0:
+    sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
+    probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
+    # Keep a token while the mass strictly before it is below p: the smallest set reaching p,
+    # and always at least the most likely token.
+    keep_BxV = (jnp.cumsum(probs_BxV, axis=-1) - probs_BxV) < settings.top_p
+    cutoff_Bx1 = jnp.min(jnp.where(keep_BxV, sorted_BxV, jnp.inf), axis=-1, keepdims=True)
+    logits_BxV = jnp.where(logits_BxV >= cutoff_Bx1, logits_BxV, neg_inf)
+  return jax.random.categorical(rng, logits_BxV, axis=-1).astype(jnp.int32)
+
+
+# --- shapes, validation, sharding -----------------------------------------------------------
+
+
+def bucket_length(length: int) -> int:
+  """Prompt length rounded up so recompiles stay bounded: powers of two from 16, then x128."""
+  if length <= 128:
+    return max(16, 1 << (length - 1).bit_length())
+  return -(-length // 128) * 128
+
+
+def _plan_length(model: Janus, prompt_len: int, new_tokens: int) -> int:
+  """The padded prompt length; raises if the prompt plus new tokens cannot fit the context."""
+  max_pos = model.config.llm.max_position_embeddings
+  if prompt_len + new_tokens > max_pos:
+    raise ValueError(f"prompt of {prompt_len} tokens + {new_tokens} new tokens = "
+                     f"{prompt_len + new_tokens} exceeds max_position_embeddings={max_pos}")
+  # Clamp the bucket so that the cache never needs more slots than the context allows.
+  return min(bucket_length(prompt_len), max_pos - new_tokens)
+
+
+def _left_pad(x_BxT: np.ndarray, length: int, value) -> np.ndarray:
+  pad = length - x_BxT.shape[1]
+  return np.pad(x_BxT, [(0, 0), (pad, 0)] + [(0, 0)] * (x_BxT.ndim - 2), constant_values=value)
+
+
+@functools.lru_cache(maxsize=None)
+def _param_shardings(model: Janus, mesh: Mesh) -> Any:
+  return sharding.param_shardings(janus_lib.abstract_params(model), mesh)
+
+
+def _data_parallel(mesh: Mesh | None) -> int:
+  return 1 if mesh is None else int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+
+
+def _check_divisible(count: int, what: str, mesh: Mesh | None) -> None:
+  dp = _data_parallel(mesh)
+  if count % dp:
+    raise ValueError(f"{what} = {count} must be divisible by the data-parallel size {dp} "
+                     f"(mesh axes {sharding.BATCH_AXES} of {dict(mesh.shape)})")
+
+
+def _place(mesh: Mesh | None, model: Janus, params: Any, *batch: Any) -> tuple[Any, ...]:
+  """Params onto their shardings and batch arrays (leading axis = rows) over the data axes.
+
+  The jitted functions then follow these input shardings (GSPMD propagation). They run without a
+  context mesh on purpose: under `jax.set_mesh` + logical rules, flax 0.12's DenseGeneral applies
+  its 3-D logical names to the kernel flattened to 2-D during the param shape check and fails.
+  """
+  if mesh is None:
+    return (params, *(None if x is None else jnp.asarray(x) for x in batch))
+  params = jax.device_put(params, _param_shardings(model, mesh))
+  return (params, *(None if x is None else jax.device_put(x, sharding.batch_sharding(mesh, x.ndim))
+                    for x in batch))
+
+
+def _empty_cache(model: Janus, rows: int, slots: int, mesh: Mesh | None) -> llm.KVCache:
+  """A zero KV cache in the compute dtype; with a mesh its rows follow the batch sharding."""
+  c = model.config.llm
+  cache = llm.KVCache.zeros(c.num_layers, rows, slots, c.num_kv_heads, c.head_dim,
+                            janus_lib._dtype(model.config.dtype))
+  if mesh is None:
+    return cache
+  spec = PartitionSpec(None, sharding.BATCH_AXES, None, PartitionSpec.UNCONSTRAINED, None)
+  constrain = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return llm.KVCache(constrain(cache.k), constrain(cache.v), cache.index)
+
+
+def _apply(model: Janus, params: Any, fn, *args):
+  return model.apply({"params": params}, *args, method=fn)
+
+
+def _prefill(m: Janus, x_BxTxD, valid_BxT, cache: llm.KVCache):
+  """Runs the prompt through the trunk into an empty cache: (last hidden [B, D], cache)."""
+  t = valid_BxT.shape[1]
+  hidden_BxTxD, cache = m(x_BxTxD, llm.positions_from_mask(valid_BxT),
+                          llm.cache_mask(_slot_valid(valid_BxT, cache.slots), cache.index, t), cache)
+  return hidden_BxTxD[:, -1], cache
+
+
+def _step(m: Janus, x_Bx1xD, slot_valid_BxS, positions_B, cache: llm.KVCache):
+  """One decode step of the trunk: (hidden [B, D], cache)."""
+  hidden, cache = m(x_Bx1xD, positions_B[:, None], llm.cache_mask(slot_valid_BxS, cache.index, 1),
+                    cache)
+  return hidden[:, 0], cache
+
+
+def _slot_valid(valid_BxT: jax.Array, slots: int) -> jax.Array:
+  """[B, S]: the prompt's validity, then every later slot marked valid up front.
+
+  Causality hides a slot until it is written, so this never needs updating while decoding.
+  """
+  return jnp.concatenate([valid_BxT, jnp.ones((valid_BxT.shape[0], slots - valid_BxT.shape[1]), bool)],
+                         axis=1)
+
+
+# --- text-to-image --------------------------------------------------------------------------
+
+
+def cfg_rows(ids_BxT: np.ndarray, valid_BxT: np.ndarray, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  """Interleaved [2B, T] rows: prompt, then its unconditional twin (BOS and last token kept)."""
+  ids_BxT, valid_BxT = np.asarray(ids_BxT), np.asarray(valid_BxT, bool)
+  first_B = valid_BxT.argmax(axis=1)
+  col_T = np.arange(ids_BxT.shape[1])
+  blank = valid_BxT & (col_T != first_B[:, None]) & (col_T != ids_BxT.shape[1] - 1)
+  uncond = np.where(blank, pad_id, ids_BxT)
+  rows = np.stack([ids_BxT, uncond], axis=1).reshape(-1, ids_BxT.shape[1])
+  return rows, np.repeat(valid_BxT, 2, axis=0)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_slots", "mesh"))
+def _image_prefill(model, params, ids_RxT, valid_RxT, *, num_slots, mesh):
+  def run(m):
+    cache = _empty_cache(model, ids_RxT.shape[0], num_slots, mesh)
+    return _prefill(m, m.embed_text(ids_RxT), valid_RxT, cache)
+  return model.apply({"params": params}, method=run)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings", "mesh"), donate_argnames=("cache",))
+def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, *, settings, mesh):
+  """Samples one token per image per key; the trunk runs once per key but the last."""
+  del mesh  # only part of the compilation key (the inputs carry the shardings)
+  rows = hidden_RxD.shape[0]
+  slot_valid_RxS = _slot_valid(valid_RxT, cache.slots)
+  # One key per image token: the cache holds exactly prompt bucket + N slots.
+  keys = jax.random.split(rng, cache.slots - valid_RxT.shape[1])
+
+  def sample(hidden_RxD, key):
+    logits_RxV = _apply(model, params, Janus.image_logits, hidden_RxD)
+    pairs = logits_RxV.reshape(rows // 2, 2, -1)
+    return sample_logits(key, cfg_logits(pairs[:, 0], pairs[:, 1], cfg_weight), settings)
+
+  def body(carry, key):
+    hidden_RxD, cache, positions_R = carry
+    ids_N = sample(hidden_RxD, key)
+    x_Rx1xD = _apply(model, params, Janus.embed_image_tokens, jnp.repeat(ids_N, 2)[:, None])
+    hidden_RxD, cache = _apply(model, params, _step, x_Rx1xD, slot_valid_RxS, positions_R, cache)
+    return (hidden_RxD, cache, positions_R + 1), ids_N
+
+  positions_R = valid_RxT.sum(axis=1).astype(jnp.int32)
+  (hidden_RxD, cache, _), ids_SxN = jax.lax.scan(body, (hidden_RxD, cache, positions_R), keys[:-1])
+  last_N = sample(hidden_RxD, keys[-1])
+  # The cache is returned only so that the donated input buffer aliases it: the loop then
+  # updates one buffer in place instead of holding two caches.
+  return jnp.concatenate([ids_SxN.T, last_N[:, None]], axis=1), cache
+
+
+def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_valid_BxT, *,
+                          rng: jax.Array, pad_id: int, cfg_weight: float = 5.0,
+                          settings: Sampler = Sampler(), images_per_prompt: int = 1,
+                          num_image_tokens: int | None = None,
+                          mesh: Mesh | None = None) -> jax.Array:
+  """Image-token ids [B * images_per_prompt, N] int32 (prompt-major), N = grid_size**2 default.
+
+  prompt rows are left-padded, BOS first real token and `<begin_of_image>` last. Each image gets
+  a conditional and an unconditional row; the sampled id feeds both. N trunk calls in all.
+  """
+  ids_BxT = np.asarray(prompt_ids_BxT)
+  valid_BxT = np.asarray(prompt_valid_BxT, bool)
+  if not valid_BxT[:, -1].all():
+    raise ValueError("prompts must be left-padded: the last column (<begin_of_image>) must be real")
+  n = num_image_tokens or model.config.vq.grid_size**2
+  images = ids_BxT.shape[0] * images_per_prompt
+  _check_divisible(images, "number of images (prompts x images_per_prompt)", mesh)
+  length = _plan_length(model, ids_BxT.shape[1], n)
+  ids_BxT = np.repeat(_left_pad(ids_BxT, length, pad_id), images_per_prompt, axis=0)
+  valid_BxT = np.repeat(_left_pad(valid_BxT, length, False), images_per_prompt, axis=0)
+  rows_RxT, valid_RxT = cfg_rows(ids_BxT, valid_BxT, pad_id)
+  params, rows_RxT, valid_RxT = _place(mesh, model, params, rows_RxT.astype(np.int32), valid_RxT)
+  hidden_RxD, cache = _image_prefill(model, params, rows_RxT, valid_RxT, num_slots=length + n,
+                                     mesh=mesh)
+  ids_NxT, _ = _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng,
+                             jnp.float32(cfg_weight), settings=settings, mesh=mesh)
+  return ids_NxT
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _decode_images(model, params, ids_BxN):
+  pixels = _apply(model, params, Janus.vq_decode, ids_BxN)
+  # The reference assigns into a uint8 array, which truncates toward zero (no rounding).
+  return jnp.clip((pixels + 1) / 2 * 255, 0, 255).astype(jnp.uint8)
+
+
+def decode_images(model: Janus, params: Any, ids_BxN) -> jax.Array:
+  """Image-token ids [B, N] -> uint8 pixels [B, H, W, 3] (VQ decode, reference post-processing)."""
+  return _decode_images(model, params, jnp.asarray(ids_BxN, jnp.int32))
+
+
+# --- text -----------------------------------------------------------------------------------
+
+
+@functools.partial(jax.jit, static_argnames=("model", "num_slots", "mesh"))
+def _text_prefill(model, params, ids_BxT, valid_BxT, image_mask_BxT, pixels, image_valid, *,
+                  num_slots, mesh):
+  def run(m):
+    cache = _empty_cache(model, ids_BxT.shape[0], num_slots, mesh)
+    x_BxTxD = m.embed_inputs(ids_BxT, image_mask_BxT, pixels, image_valid)
+    hidden_BxD, cache = _prefill(m, x_BxTxD, valid_BxT, cache)
+    return m.text_logits(hidden_BxD), cache
+  return model.apply({"params": params}, method=run)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "settings", "max_new_tokens", "mesh"),
+                   donate_argnames=("cache",))
+def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, settings,
+                 max_new_tokens, mesh):
+  """Greedy/sampled tokens [B, max_new_tokens] until every row has produced EOS."""
+  del mesh  # only part of the compilation key (the inputs carry the shardings)
+  b = valid_BxT.shape[0]
+  slot_valid_BxS = _slot_valid(valid_BxT, cache.slots)
+  keys = jax.random.split(rng, max_new_tokens)
+  first_B = sample_logits(keys[0], logits_BxV, settings)
+  tokens_BxN = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
+  positions_B = valid_BxT.sum(axis=1).astype(jnp.int32)
+
+  def cond(carry):
+    i, _, _, done_B, _ = carry
+    return (i < max_new_tokens) & ~done_B.all()
+
+  def body(carry):
+    # Feeds token i - 1 and samples token i, so the final token is never run through the trunk.
+    i, cache, tokens_BxN, done_B, positions_B = carry
+    prev_B = jax.lax.dynamic_index_in_dim(tokens_BxN, i - 1, axis=1, keepdims=False)
+    x_Bx1xD = _apply(model, params, Janus.embed_text, prev_B[:, None])
+    hidden_BxD, cache = _apply(model, params, _step, x_Bx1xD, slot_valid_BxS, positions_B, cache)
+    logits_BxV = _apply(model, params, Janus.text_logits, hidden_BxD)
+    next_B = jnp.where(done_B, eos_id, sample_logits(keys[i], logits_BxV, settings))
+    tokens_BxN = jax.lax.dynamic_update_index_in_dim(tokens_BxN, next_B, i, axis=1)
+    return i + 1, cache, tokens_BxN, done_B | (next_B == eos_id), positions_B + 1
+
+  carry = (jnp.int32(1), cache, tokens_BxN, first_B == eos_id, positions_B)
+  _, cache, tokens_BxN, _, _ = jax.lax.while_loop(cond, body, carry)
+  is_eos_BxN = tokens_BxN == eos_id
+  lengths_B = jnp.where(is_eos_BxN.any(axis=1), is_eos_BxN.argmax(axis=1) + 1, max_new_tokens)
+  return tokens_BxN, lengths_B.astype(jnp.int32), cache  # cache: see _image_decode
+
+
+def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, *, rng: jax.Array,
+                  max_new_tokens: int, eos_id: int, settings: Sampler = GREEDY,
+                  image_mask_BxT=None, pixels=None, image_valid=None,
+                  mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+  """(tokens [B, max_new_tokens] int32, lengths [B] int32) for left-padded prompts.
+
+  lengths count the tokens up to and including EOS (max_new_tokens without one); later positions
+  hold eos_id. pixels [B, n, H, W, 3] in [-1, 1] fill the image_mask placeholders in order
+  (Janus.embed_inputs); image_valid [B, n] marks real images.
+  """
+  ids_BxT = np.asarray(input_ids_BxT)
+  valid_BxT = np.asarray(attention_mask_BxT).astype(bool)
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens = {max_new_tokens} must be at least 1")
+  _check_divisible(ids_BxT.shape[0], "batch size", mesh)
+  length = _plan_length(model, ids_BxT.shape[1], max_new_tokens)
+  ids_BxT = _left_pad(np.where(valid_BxT, ids_BxT, 0), length, 0).astype(np.int32)
+  valid_BxT = _left_pad(valid_BxT, length, False)
+  if pixels is not None:
+    image_mask_BxT = _left_pad(np.asarray(image_mask_BxT).astype(bool), length, False)
+    pixels = np.asarray(pixels, np.float32)
+    image_valid = (np.ones(pixels.shape[:2], bool) if image_valid is None
+                   else np.asarray(image_valid, bool))
+  else:
+    image_mask_BxT = None  # no images: every id embeds as text
+  params, ids_BxT, valid_BxT, image_mask_BxT, pixels, image_valid = _place(
+      mesh, model, params, ids_BxT, valid_BxT, image_mask_BxT, pixels, image_valid)
+  logits_BxV, cache = _text_prefill(model, params, ids_BxT, valid_BxT, image_mask_BxT, pixels,
+                                    image_valid, num_slots=length + max_new_tokens, mesh=mesh)
+  tokens_BxN, lengths_B, _ = _text_decode(
+      model, params, logits_BxV, cache, valid_BxT, rng, jnp.int32(eos_id), settings=settings,
+      max_new_tokens=max_new_tokens, mesh=mesh)
+  return tokens_BxN, lengths_B

@@ -1,0 +1,256 @@
+"""Sampling against `transformers`' Janus `generate` (greedy, float32, CPU) and its own invariants."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import oracle
+from janus_jax import convert, sampling, sharding
+from janus_jax.models import janus as janus_lib
+from janus_jax.models import llm
+
+BOS, PAD, BOI, IMAGE_TOKEN = 1, 2, 3, 5  # within the oracle's 256-token vocab
+CFG = 3.0
+
+
+@functools.lru_cache(maxsize=None)
+def _setup():
+  hf = oracle.build("gqa", seed=1)
+  hf.generation_config.bos_token_id = BOS
+  hf.generation_config.pad_token_id = PAD
+  hf.generation_config.generation_kwargs = {"boi_token_id": BOI}
+  model = janus_lib.build(convert.config_from_hf(hf.config.to_dict()))
+  params = convert.params_from_hf_state_dict(oracle.state_dict_numpy(hf), model)
+  return hf, model, jax.tree.map(jnp.asarray, params)
+
+
+@pytest.fixture(scope="module")
+def setup():
+  return _setup()
+
+
+def _t2i_prompts(pad_first_row: int = 3, length: int = 11):
+  """Two text-to-image prompts (BOS ... BOI); row 0 is shorter, left-padded."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(10, 256, (2, length))
+  ids[:, 0], ids[:, -1] = BOS, BOI
+  valid = np.ones(ids.shape, bool)
+  ids[0, :pad_first_row], valid[0, :pad_first_row] = PAD, False
+  ids[0, pad_first_row] = BOS
+  return ids, valid
+
+
+def _hf_image_tokens(hf, ids, valid, **kw):
+  with torch.no_grad():
+    return hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(valid.astype(np.int64)),
+                       generation_mode="image", guidance_scale=CFG, **kw).numpy()
+
+
+@functools.lru_cache(maxsize=None)
+def _greedy_image_tokens():
+  _, model, params = _setup()
+  ids, valid = _t2i_prompts()
+  return np.asarray(sampling.generate_image_tokens(
+      model, params, ids, valid, rng=jax.random.key(0), pad_id=PAD, cfg_weight=CFG,
+      settings=sampling.GREEDY))
+
+
+def test_greedy_image_tokens_match_transformers(setup):
+  hf, model, _ = setup
+  ids, valid = _t2i_prompts()
+  ours = _greedy_image_tokens()
+  assert ours.shape == (2, 16) and ours.dtype == np.int32
+  np.testing.assert_array_equal(ours, _hf_image_tokens(hf, ids, valid, do_sample=False))
+
+
+def test_cached_decode_equals_full_forward(setup):
+  """Teacher-forced cached steps give the logits of one uncached forward; CFG argmax = tokens."""
+  _, model, params = setup
+  ids, valid = _t2i_prompts()
+  tokens = _greedy_image_tokens()
+  rows, row_valid = sampling.cfg_rows(ids, valid, PAD)
+  t, n = rows.shape[1], tokens.shape[1]
+  fed = np.repeat(tokens[:, :-1], 2, axis=0)  # the last token is never fed back
+
+  def full(m):
+    x = jnp.concatenate([m.embed_text(rows), m.embed_image_tokens(fed)], axis=1)
+    seq_valid = jnp.concatenate([row_valid, np.ones(fed.shape, bool)], axis=1)
+    hidden, _ = m(x, llm.positions_from_mask(seq_valid), llm.causal_mask(seq_valid))
+    return m.image_logits(hidden[:, t - 1:])
+
+  def prefill(m):
+    c = model.config.llm
+    cache = llm.KVCache.zeros(c.num_layers, rows.shape[0], t + n, c.num_kv_heads, c.head_dim)
+    hidden, cache = sampling._prefill(m, m.embed_text(rows), row_valid, cache)
+    return m.image_logits(hidden), cache
+
+  def step(m, ids, positions, cache):
+    slot_valid = sampling._slot_valid(jnp.asarray(row_valid), t + n)
+    hidden, cache = sampling._step(m, m.embed_image_tokens(ids), slot_valid, positions, cache)
+    return m.image_logits(hidden), cache
+
+  apply = lambda fn: jax.jit(functools.partial(model.apply, {"params": params}, method=fn))
+  want = np.asarray(apply(full)())
+  logits, cache = apply(prefill)()
+  steps, step_fn = [logits], apply(step)
+  for i in range(n - 1):
+    logits, cache = step_fn(fed[:, i:i + 1], row_valid.sum(1) + i, cache)
+    steps.append(logits)
+  got = np.stack(steps, axis=1)
+  np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+  mixed = np.asarray(sampling.cfg_logits(want[0::2], want[1::2], CFG))
+  np.testing.assert_array_equal(mixed.argmax(-1), tokens)
+  top2 = np.sort(mixed, axis=-1)[..., -2:]
+  assert (top2[..., 1] - top2[..., 0]).min() > 1e-3, "near-tie in the oracle; pick another seed"
+
+
+def test_cfg_logits_formula():
+  rng = np.random.default_rng(1)
+  cond, uncond = rng.normal(size=(2, 3, 7)).astype(np.float32)
+  got = sampling.cfg_logits(jnp.asarray(cond, jnp.bfloat16), jnp.asarray(uncond, jnp.bfloat16), 5.0)
+  c32 = np.asarray(jnp.asarray(cond, jnp.bfloat16), np.float32)
+  u32 = np.asarray(jnp.asarray(uncond, jnp.bfloat16), np.float32)
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(got, u32 + 5.0 * (c32 - u32), rtol=1e-6)
+
+
+def test_sample_logits_settings():
+  logits = jax.random.normal(jax.random.key(0), (64, 50)) * 3
+  greedy = np.asarray(logits.argmax(-1))
+  key = jax.random.key(1)
+  draw = lambda s, k=key: np.asarray(sampling.sample_logits(k, logits, s))
+  np.testing.assert_array_equal(draw(sampling.GREEDY), greedy)
+  np.testing.assert_array_equal(draw(sampling.Sampler(top_k=1)), greedy)
+  np.testing.assert_array_equal(draw(sampling.Sampler(top_p=1e-6)), greedy)
+  base = sampling.Sampler(temperature=1.5)
+  np.testing.assert_array_equal(draw(base), draw(base))
+  assert (draw(base) != draw(base, jax.random.key(2))).any()
+  assert (draw(base) != greedy).any()
+  top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+  assert all(t in row for t, row in zip(draw(sampling.Sampler(top_k=5)), top5))
+  # top_p: every draw lies in the smallest prefix (by probability) whose mass reaches p.
+  probs = np.asarray(jax.nn.softmax(logits))
+  order = np.argsort(-probs, axis=-1)
+  mass_before = np.cumsum(np.take_along_axis(probs, order, -1), -1) - np.take_along_axis(probs, order, -1)
+  for seed in range(4):
+    for t, o, m in zip(draw(sampling.Sampler(top_p=0.6), jax.random.key(seed)), order, mass_before):
+      assert t in o[m < 0.6]
+  with pytest.raises(ValueError, match="top_p"):
+    sampling.Sampler(top_p=0.0)
+
+
+def test_seeded_image_sampling_is_reproducible(setup):
+  _, model, params = setup
+  ids, valid = _t2i_prompts()
+  run = lambda seed: np.asarray(sampling.generate_image_tokens(
+      model, params, ids, valid, rng=jax.random.key(seed), pad_id=PAD, cfg_weight=CFG,
+      settings=sampling.Sampler(temperature=1.0), images_per_prompt=2))
+  a = run(0)
+  assert a.shape == (4, 16)
+  np.testing.assert_array_equal(a, run(0))
+  assert (a != run(1)).any()
+  assert (a[0] != a[1]).any()  # two images of one prompt differ
+
+
+def test_decode_images_reference_postprocessing(setup):
+  hf, model, params = setup
+  tokens = _greedy_image_tokens()
+  ours = np.asarray(sampling.decode_images(model, params, tokens))
+  with torch.no_grad():
+    hf.model.vqmodel.quantize.quant_state_dims = [4, 4]
+    ref = hf.decode_image_tokens(torch.from_numpy(tokens.astype(np.int64))).numpy()
+  ref = np.clip((ref + 1) / 2 * 255, 0, 255).astype(np.uint8)  # truncation, as the reference
+  side = 4 * 2 ** (len(model.config.vq.channel_multipliers) - 1)
+  assert ours.dtype == np.uint8 and ours.shape == ref.shape == (2, side, side, 3)
+  diff = np.abs(ours.astype(int) - ref)
+  assert diff.max() <= 1 and (diff == 0).mean() > 0.99
+
+
+def _chat_prompts():
+  """Two understanding prompts with one image each (16 placeholders); row 0 left-padded by 3."""
+  rng = np.random.default_rng(2)
+  ids = rng.integers(10, 256, (2, 24))
+  ids[:, 4:20] = IMAGE_TOKEN
+  valid = np.ones(ids.shape, bool)
+  ids[0, :3], valid[0, :3] = 0, False
+  pixels = rng.uniform(-1, 1, (2, 1, 32, 32, 3)).astype(np.float32)
+  return ids, valid, pixels
+
+
+def _hf_text(hf, ids, valid, pixels, eos, max_new):
+  hf.generation_config.eos_token_id = eos
+  with torch.no_grad():
+    out = hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(valid.astype(np.int64)),
+                      pixel_values=torch.from_numpy(pixels[:, 0].transpose(0, 3, 1, 2).copy()),
+                      max_new_tokens=max_new, do_sample=False, pad_token_id=0)
+  return out.numpy()[:, ids.shape[1]:]
+
+
+def test_greedy_text_matches_transformers(setup):
+  hf, model, params = setup
+  ids, valid, pixels = _chat_prompts()
+  gen = lambda i, v, p, eos: sampling.generate_text(
+      model, params, i, v, rng=jax.random.key(0), max_new_tokens=8, eos_id=eos,
+      image_mask_BxT=i == IMAGE_TOKEN, pixels=p)
+  free_run = _hf_text(hf, ids, valid, pixels, eos=BOS, max_new=8)
+  assert (free_run != BOS).all()
+  eos = int(free_run[0, 3])  # row 0 stops after 4 tokens; row 1 (almost surely) runs on
+  ref = _hf_text(hf, ids, valid, pixels, eos=eos, max_new=8)
+  tokens, lengths = map(np.asarray, gen(ids, valid, pixels, eos))
+  assert lengths[0] == 4 and tokens.shape == (2, 8)
+  for row in range(2):
+    n = lengths[row]
+    np.testing.assert_array_equal(tokens[row, :n], ref[row, :n])
+    assert (tokens[row, n:] == eos).all()
+  # Each prompt alone (row 0 without its padding) gives its tokens from the batch.
+  for row, start in ((0, 3), (1, 0)):
+    alone, alone_len = map(np.asarray, gen(ids[row:row + 1, start:], valid[row:row + 1, start:],
+                                           pixels[row:row + 1], eos))
+    np.testing.assert_array_equal(alone[0], tokens[row])
+    assert alone_len[0] == lengths[row]
+
+
+def test_prompt_longer_than_context(setup):
+  _, model, params = setup
+  ids = np.full((1, 500), 7)
+  ids[0, 0], ids[0, -1] = BOS, BOI
+  with pytest.raises(ValueError, match=r"500 tokens \+ 16 new tokens = 516 exceeds "
+                                       r"max_position_embeddings=512"):
+    sampling.generate_image_tokens(model, params, ids, np.ones_like(ids, bool),
+                                   rng=jax.random.key(0), pad_id=PAD)
+  with pytest.raises(ValueError, match="max_position_embeddings=512"):
+    sampling.generate_text(model, params, ids[:, :400], np.ones((1, 400), bool),
+                           rng=jax.random.key(0), max_new_tokens=200, eos_id=BOS)
+
+
+def test_sharded_sampling_equals_single_device(setup):
+  _, model, params = setup
+  ids, valid = _t2i_prompts()
+  for mesh_shape, settings in (((2, 2, 2), sampling.GREEDY), ((4, 2, 1), sampling.Sampler())):
+    run = lambda mesh: np.asarray(sampling.generate_image_tokens(
+        model, params, ids, valid, rng=jax.random.key(3), pad_id=PAD, cfg_weight=CFG,
+        settings=settings, images_per_prompt=4, mesh=mesh))
+    np.testing.assert_array_equal(run(sharding.make_mesh(mesh_shape)), run(None))
+  with pytest.raises(ValueError, match="divisible by the data-parallel size 8"):
+    sampling.generate_image_tokens(model, params, ids, valid, rng=jax.random.key(0), pad_id=PAD,
+                                   images_per_prompt=2, mesh=sharding.make_mesh((4, 2, 1)))
+
+
+def test_sharded_text_equals_single_device(setup):
+  _, model, params = setup
+  ids, valid, pixels = _chat_prompts()
+  ids, valid, pixels = (np.concatenate([x, x[::-1]]) for x in (ids, valid, pixels))
+  run = lambda mesh: sampling.generate_text(
+      model, params, ids, valid, rng=jax.random.key(0), max_new_tokens=6, eos_id=BOS,
+      settings=sampling.Sampler(temperature=0.8, top_k=20), image_mask_BxT=ids == IMAGE_TOKEN,
+      pixels=pixels, mesh=mesh)
+  want = run(None)
+  got = run(sharding.make_mesh((2, 2, 2)))
+  np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
+  np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
