@@ -20,7 +20,7 @@ import re
 import shutil
 import sys
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax
@@ -29,11 +29,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from janus_jax import original_format
 from janus_jax.models import janus as janus_lib
 from janus_jax.models import presets
 
 # HF keys that exist in checkpoints but are never used by the model.
-IGNORED_HF_KEYS = re.compile(r"(^|\.)(attn_pool\.|codebook_used$|rotary_emb\.inv_freq$)")
+IGNORED_HF_KEYS = original_format.IGNORED_KEYS
 
 _VISION_LAYER = {"layer_norm1": "layer_norm1", "layer_norm2": "layer_norm2",
                  "q_proj": "self_attn.q_proj", "k_proj": "self_attn.k_proj",
@@ -134,12 +135,15 @@ def _flat_abstract(model: janus_lib.Janus) -> dict[tuple[str, ...], Any]:
 
 
 def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: janus_lib.Janus,
-                              source: str = "state dict") -> Any:
-  """Our params (numpy, in the model's param dtype) from `transformers`-format tensors.
+                              source: str = "state dict",
+                              place: Callable[[tuple[str, ...], np.ndarray], Any] | None = None) -> Any:
+  """Our params (in the model's param dtype) from `transformers`-format tensors.
 
   `state_dict` may be any mapping that reads tensors on demand (torch_io.TensorSource): tensors
-  are converted one at a time into preallocated leaves, so peak memory is the params plus one
-  tensor. Raises KeyError / ValueError naming the missing, unexpected or mis-shaped key.
+  are converted one at a time into a preallocated leaf, and each finished leaf is handed to
+  `place(path, array)` (e.g. `jax.device_put` to its sharding; default: kept as numpy), so peak
+  host memory is the params plus about one leaf. Raises KeyError / ValueError naming the
+  missing, unexpected or mis-shaped key.
   """
   flat = {}
   used = set()
@@ -163,7 +167,8 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: janus
       else:
         out[...] = converted
       used.add(k)
-    flat[path] = out
+    flat[path] = out if place is None else place(path, out)
+    del out
   unexpected = sorted(k for k in state_dict.keys() if k not in used and not IGNORED_HF_KEYS.search(k))
   if unexpected:
     raise KeyError(f"{source}: unexpected tensors {unexpected[:5]}"
@@ -211,146 +216,6 @@ def config_from_hf(hf: Mapping[str, Any]) -> ml_collections.ConfigDict:
                        generation_aligner_depth=vqc.get("num_hidden_layers", 2))
 
 
-# ---------------------------------------------------------------------------------------------
-# The original (deepseek-ai) format: key names and config schema.
-
-def original_to_hf_key(key: str) -> list[tuple[str, Any]]:
-  """An original-format key -> [(HF key, transform)], [] for tensors never used.
-
-  transform is None (unchanged), ("third", i) for the fused ViT qkv, or "squeeze0".
-  """
-  if IGNORED_HF_KEYS.search(key):
-    return []
-  if key.startswith("language_model.model."):
-    return [("model.language_model." + key[len("language_model.model."):], None)]
-  if key == "language_model.lm_head.weight":
-    return [("lm_head.weight", None)]
-  vt = "vision_model.vision_tower."
-  if key.startswith(vt):
-    rest = key[len(vt):]
-    hv = "model.vision_model."
-    if rest == "pos_embed":
-      return [(hv + "embeddings.position_embedding.weight", "squeeze0")]
-    if rest.startswith("patch_embed.proj."):
-      return [(hv + "embeddings.patch_embedding." + rest.split(".")[-1], None)]
-    if rest.startswith("norm."):
-      return [(hv + "post_layernorm." + rest.split(".")[-1], None)]
-    m = re.fullmatch(r"blocks\.(\d+)\.(.+)\.(weight|bias)", rest)
-    if m:
-      layer, module, leaf = m.groups()
-      base = f"{hv}encoder.layers.{layer}."
-      if module == "attn.qkv":
-        return [(f"{base}self_attn.{p}_proj.{leaf}", ("third", i)) for i, p in enumerate("qkv")]
-      names = {"attn.proj": "self_attn.projection_layer", "norm1": "layer_norm1",
-               "norm2": "layer_norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
-      if module in names:
-        return [(f"{base}{names[module]}.{leaf}", None)]
-  for orig, hf in (("aligner.", "model.aligner."), ("gen_aligner.", "model.generation_aligner.")):
-    m = re.fullmatch(re.escape(orig) + r"layers\.(\d+)\.(weight|bias)", key)
-    if m:
-      index = int(m[1]) // 2  # Sequential(Linear, GELU, Linear, ...): Linears at even indices
-      return [(hf + ("fc1" if index == 0 else f"hidden_layers.{index - 1}") + "." + m[2], None)]
-  if key.startswith("gen_head."):
-    return [(key.replace("gen_head.output_mlp_projector.", "model.generation_head.proj_out.")
-             .replace("gen_head.vision_head.", "model.generation_head.vision_head."), None)]
-  if key == "gen_embed.weight":
-    return [("model.generation_embeddings.weight", None)]
-  if key.startswith("gen_vision_model."):
-    rest = key[len("gen_vision_model."):]
-    rest = re.sub(r"^encoder\.conv_blocks\.", "encoder.down.", rest)
-    rest = re.sub(r"^decoder\.conv_blocks\.", "decoder.up.", rest)
-    rest = rest.replace(".res.", ".block.")
-    rest = re.sub(r"\.mid\.0\.", ".mid.block_1.", rest)
-    rest = re.sub(r"\.mid\.1\.", ".mid.attn_1.", rest)
-    rest = re.sub(r"\.mid\.2\.", ".mid.block_2.", rest)
-    return [("model.vqmodel." + rest, None)]
-  return [(key, None)]  # unknown: reported as unexpected by the mapping
-
-
-class OriginalAsHF(Mapping):
-  """An original-format tensor source seen through `transformers` key names (lazily)."""
-
-  def __init__(self, source: Mapping[str, np.ndarray]):
-    self._source = source
-    self._map: dict[str, tuple[str, Any]] = {}
-    for key in source.keys():
-      for hf, transform in original_to_hf_key(key):
-        self._map[hf] = (key, transform)
-
-  def __getitem__(self, hf: str) -> np.ndarray:
-    key, transform = self._map[hf]
-    tensor = self._source[key]
-    if transform == "squeeze0":
-      return tensor.reshape(tensor.shape[1:]) if tensor.ndim == 3 else tensor
-    if transform is not None:
-      third = tensor.shape[0] // 3
-      return tensor[transform[1] * third:(transform[1] + 1) * third]
-    return tensor
-
-  def __iter__(self):
-    return iter(self._map)
-
-  def __len__(self) -> int:
-    return len(self._map)
-
-  def __contains__(self, hf) -> bool:
-    return hf in self._map
-
-
-# LlamaConfig defaults: the Pro-7B config.json lists only a few language fields.
-LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=None,
-                      max_position_embeddings=2048, rms_norm_eps=1e-6, rope_theta=10000.0)
-# The original code picks the SigLIP tower by name.
-SIGLIP_PRESETS = {"siglip_large_patch16_384": dict(width=1024, layers=24, heads=16, patch_size=16,
-                                                   mlp_ratio=4.0)}
-VQ16 = dict(ch=128, ch_mult=(1, 1, 2, 2, 4), num_res_blocks=2, z_channels=256)
-
-
-def _params(cfg: Mapping[str, Any], block: str) -> dict[str, Any]:
-  if block not in cfg:
-    raise KeyError(f"config.json: original-format config lacks {block!r}")
-  return dict(cfg[block].get("params", {}))
-
-
-def config_from_original(cfg: Mapping[str, Any]) -> ml_collections.ConfigDict:
-  """Our model config from a deepseek-ai `MultiModalityCausalLM` config.json.
-
-  Extension for small models (the original code hard-codes the tower and VQ sizes by name and
-  ignores this): `vision_config.params.arch = {width, layers, heads, patch_size, mlp_ratio}` and
-  `gen_vision_config.params.arch = {ch, ch_mult, num_res_blocks, z_channels}`.
-  """
-  lang = {**LLAMA_DEFAULTS, **cfg["language_config"]}
-  heads = lang["num_attention_heads"]
-  llm = presets.llm(
-      lang["hidden_size"], lang["num_hidden_layers"], heads, lang["intermediate_size"],
-      num_kv_heads=lang["num_key_value_heads"] or heads, vocab_size=lang["vocab_size"],
-      head_dim=lang.get("head_dim") or lang["hidden_size"] // heads,
-      rope_theta=float(lang["rope_theta"]), rms_norm_eps=lang["rms_norm_eps"],
-      max_position_embeddings=lang["max_position_embeddings"])
-  vp = _params(cfg, "vision_config")
-  arch = vp.get("arch") or SIGLIP_PRESETS.get(vp.get("model_name", ""))
-  if arch is None:
-    raise ValueError(f"config.json: unknown vision tower {vp.get('model_name')!r} and no "
-                     f"vision_config.params.arch; known: {sorted(SIGLIP_PRESETS)}")
-  select_layer = vp.get("select_layer", -1)
-  layers = arch["layers"]
-  depth = min(layers, layers + select_layer + 1) if select_layer <= 0 else min(layers, select_layer)
-  image_size = vp.get("image_size", 384)
-  vision = presets.vision(image_size, arch["patch_size"], arch["width"], depth, arch["heads"],
-                          int(arch["width"] * arch.get("mlp_ratio", 4.0)))
-  gv = _params(cfg, "gen_vision_config")
-  vq_arch = {**VQ16, **gv.get("arch", {})}
-  vq = presets.vq(gv.get("image_token_size", 16384), gv.get("n_embed", 8), vq_arch["z_channels"],
-                  vq_arch["ch"], tuple(vq_arch["ch_mult"]), vq_arch["num_res_blocks"],
-                  grid_size=image_size // arch["patch_size"])
-  gh = _params(cfg, "gen_head_config")
-  if gh.get("n_embed", llm.hidden_size) != llm.hidden_size:
-    raise ValueError("config.json: gen_head_config.params.n_embed must equal the LLM hidden size")
-  return presets.janus(llm, vision, vq, aligner_depth=_params(cfg, "aligner_config").get("depth", 2),
-                       generation_aligner_depth=_params(cfg, "gen_aligner_config").get("depth", 2))
-
-
 def detect_schema(cfg: Mapping[str, Any], source: str = "config.json") -> str:
   if "language_config" in cfg:
     return "original"
@@ -363,7 +228,7 @@ def detect_schema(cfg: Mapping[str, Any], source: str = "config.json") -> str:
 
 def model_config_from_json(cfg: Mapping[str, Any], source: str = "config.json"):
   schema = detect_schema(cfg, source)
-  return config_from_original(cfg) if schema == "original" else config_from_hf(cfg)
+  return original_format.config_from_original(cfg) if schema == "original" else config_from_hf(cfg)
 
 
 def hf_config_dict(config: ml_collections.ConfigDict, image_token_id: int | None = None,
@@ -397,8 +262,12 @@ def hf_config_dict(config: ml_collections.ConfigDict, image_token_id: int | None
 # ---------------------------------------------------------------------------------------------
 # Whole directories and the command line.
 
-def convert_directory(src: str, dtype: str = "bfloat16") -> tuple[ml_collections.ConfigDict, Any]:
-  """(model config, numpy params) from a PyTorch checkpoint directory in either format."""
+def convert_directory(src: str, dtype: str = "bfloat16", place=None) -> tuple[ml_collections.ConfigDict, Any]:
+  """(model config, params) from a PyTorch checkpoint directory in either format.
+
+  place(path, leaf) puts each finished leaf where it should live (default: a jax array on the
+  default device; orbax saves jax arrays without a second host copy, unlike numpy ones).
+  """
   from janus_jax import pretrained, torch_io
 
   cfg_json = pretrained.read_json(os.path.join(src, "config.json"))
@@ -406,8 +275,9 @@ def convert_directory(src: str, dtype: str = "bfloat16") -> tuple[ml_collections
   model_config = model_config_from_json(cfg_json)
   model_config.dtype = model_config.param_dtype = dtype
   tensors = torch_io.TensorSource(src)
-  view = OriginalAsHF(tensors) if schema == "original" else tensors
-  params = params_from_hf_state_dict(view, janus_lib.build(model_config), source=src)
+  view = original_format.OriginalAsHF(tensors) if schema == "original" else tensors
+  place = place or (lambda _, leaf: jax.device_put(leaf))
+  params = params_from_hf_state_dict(view, janus_lib.build(model_config), source=src, place=place)
   return model_config, params
 
 

@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from typing import Any
 
+import flax
 import flax.linen as nn
 import jax
 import ml_collections
@@ -136,12 +137,15 @@ def load_pretrained(path: str, dtype: str | None = None, mesh=None, with_tokeniz
     model = janus_lib.build(cfg)
     params = restore_params(path, model, mesh)
   else:
-    cfg, params_np = convert.convert_directory(path, dtype or "float32")
-    family = detect_family(path)
+    cfg = convert.model_config_from_json(meta, os.path.join(path, "config.json"))
+    cfg.dtype = cfg.param_dtype = dtype or "float32"
     model = janus_lib.build(cfg)
+    place = None
     if mesh is not None:
-      params = jax.device_put(params_np, sharding.param_shardings(janus_lib.abstract_params(model), mesh))
-    else:
-      params = jax.device_put(params_np)
+      shardings = flax.traverse_util.flatten_dict(
+          sharding.param_shardings(janus_lib.abstract_params(model), mesh))
+      place = lambda path_, leaf: jax.device_put(leaf, shardings[path_])  # noqa: E731
+    cfg, params = convert.convert_directory(path, cfg.param_dtype, place)
+    family = detect_family(path)
   tok, proc = _load_side(path, family, cfg) if with_tokenizer else (None, None)
   return Pretrained(model, params, cfg, tok, proc, family)

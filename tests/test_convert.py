@@ -282,3 +282,28 @@ def test_eval_shape_of_a_converted_config_matches_the_model():
   flat = convert._flat_abstract(model)
   keys = {convert.hf_key(path)[0] for path in flat}
   assert len(keys) == len(flat)  # every parameter has its own key
+
+
+@pytest.mark.parametrize("specials,family", [(["<image_placeholder>", "<|User|>", "<|Assistant|>"], "janus_pro"),
+                                             (["<image_placeholder>"], "janus")])
+def test_tokenizer_and_processor_travel_with_the_checkpoint(tmp_path, hf_model, specials, family):
+  import pathlib
+
+  from test_tokenizer import build_hf_json
+
+  src = pathlib.Path(checkpoints.write_hf(str(tmp_path / "src"), hf_model))
+  build_hf_json(src)
+  (src / "special_tokens_map.json").write_text(json.dumps({"additional_special_tokens": specials}))
+  dst = str(tmp_path / "dst")
+  assert convert.main([src.as_posix(), dst, "--dtype", "float32"]) == 0
+  assert {"tokenizer.json", "special_tokens_map.json"} <= set(os.listdir(dst))
+  loaded = pretrained.load_pretrained(dst)
+  assert loaded.family == family
+  tok = loaded.tokenizer
+  batch = loaded.processor.generation_batch(["a red cube", "a cat"])
+  ids = batch["input_ids"]
+  assert (ids[:, -1] == tok.begin_of_image_id).all()
+  assert tok.image_placeholder_id == tok.token_to_id("<image_placeholder>")
+  role = "<|User|>" if family == "janus_pro" else "User"
+  assert tok.decode(ids[1][batch["attention_mask"][1]], skip_special_tokens=False).startswith(
+      "<｜begin▁of▁sentence｜>" + role + ": a cat")
