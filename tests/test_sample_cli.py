@@ -1,0 +1,54 @@
+"""sample.py end to end on a tiny converted checkpoint with its tokenizer (subprocess, as a user runs it)."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+import oracle
+from janus_jax import convert
+from test_tokenizer import build_hf_json
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_sample_cli_generates_images_and_answers(tmp_path):
+  from transformers import JanusForConditionalGeneration
+
+  config = oracle.hf_config("gqa")
+  config.text_config.vocab_size = 512  # room for the test tokenizer's 500 ids
+  hf = JanusForConditionalGeneration(config).eval()
+  oracle.randomise_(hf, 0)
+  src = tmp_path / "hf"
+  hf.save_pretrained(src)
+  build_hf_json(src)
+  ckpt = tmp_path / "converted"
+  assert convert.main([str(src), str(ckpt), "--dtype", "float32"]) == 0
+  digit = tmp_path / "digit.png"
+  Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), np.uint8)).save(digit)
+  out = tmp_path / "samples"
+  env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, str(REPO / "sample.py"), f"--checkpoint={ckpt}", "--prompt=a red cube",
+       "--prompt=a cat", "--num_images=2", "--cfg=3", "--seed=1", f"--out={out}",
+       f"--image={digit}", "--question=What digit is this?", "--config.max_new_tokens=5"],
+      capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  names = sorted(os.listdir(out))
+  assert names == ["grid.png", "prompt0_0.png", "prompt0_1.png", "prompt1_0.png", "prompt1_1.png"]
+  assert np.asarray(Image.open(out / "prompt1_0.png")).shape == (8, 8, 3)  # 4x4 tokens, VQ x2
+  assert np.asarray(Image.open(out / "grid.png")).shape == (16, 16, 3)
+  assert "compile" in proc.stderr and "run" in proc.stderr
+  assert "wrote 4 image(s)" in proc.stdout
+
+
+def test_sample_cli_explains_a_missing_checkpoint(tmp_path):
+  proc = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--checkpoint={tmp_path}/none",
+                         "--prompt=x"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                        env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode != 0 and "python train.py" in proc.stderr
