@@ -69,9 +69,10 @@ def write_converted(dst: str, params: Any, model_config: ml_collections.ConfigDi
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
   try:
-    checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(os.path.join(tmp, CONVERTED_MARKER), params)
-    checkpointer.wait_until_finished()
+    # Synchronous, with at most 1 GB in flight: the default async save stages a host copy of
+    # every array at once, which would double peak memory on a 7B conversion.
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
+    checkpointer.save(os.path.join(tmp, CONVERTED_MARKER), args=ocp.args.StandardSave(params))
     meta = {"model": model_config.to_dict(), "family": family, "source": src, **(extra or {})}
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(meta, f, indent=2, default=list)

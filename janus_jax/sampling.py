@@ -135,7 +135,9 @@ def _empty_cache(model: Janus, rows: int, slots: int, mesh: Mesh | None) -> llm.
                             janus_lib._dtype(model.config.dtype))
   if mesh is None:
     return cache
-  spec = PartitionSpec(None, sharding.BATCH_AXES, None, PartitionSpec.UNCONSTRAINED, None)
+  # Only the batch axis is pinned; the rest (heads over `tensor`) follows the k/v projections.
+  free = PartitionSpec.UNCONSTRAINED
+  spec = PartitionSpec(None, sharding.BATCH_AXES, free, free, free)
   constrain = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
   return llm.KVCache(constrain(cache.k), constrain(cache.v), cache.index)
 

@@ -1,0 +1,315 @@
+"""Text-to-image token throughput: janus_jax vs `transformers` generate vs the reference eager loop.
+
+One process measures, one after another (torch and XLA thread pools never share a timing window):
+the machine's memory bandwidth and matmul rate, then janus_jax (jitted, warm), then torch
+(2 threads): `generate(generation_mode="image")` and the README-style loop over the same modules.
+The model is the cpu-baseline.md benchmark config: the real vocab, codebook and VQ-16 decoder, a
+1024-wide 8-layer LLM, random weights (transformers init), float32. The per-step floor is
+max(bytes read / bandwidth, FLOPs / matmul rate), both measured in this run.
+
+  python benchmarks/sampling.py --out /tmp/sampling.json                # full: 576 tokens, B 1 and 8
+  python benchmarks/sampling.py --batches 1 --steps 32 --out /tmp/q.json  # quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir))
+
+import flax  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import JanusConfig, JanusForConditionalGeneration  # noqa: E402
+
+from janus_jax import convert, sampling  # noqa: E402
+from janus_jax.models import janus as janus_lib  # noqa: E402
+
+BOS, PAD, BOI = 100000, 100015, 100016
+CFG, TEMPERATURE, PROMPT_LEN, TOKENS = 5.0, 1.0, 20, 576
+
+
+def hf_config() -> JanusConfig:
+  text = dict(model_type="llama", vocab_size=102400, hidden_size=1024, intermediate_size=2816,
+              num_hidden_layers=8, num_attention_heads=16, num_key_value_heads=16,
+              max_position_embeddings=16384, rms_norm_eps=1e-6, rope_theta=10000.0,
+              tie_word_embeddings=False)
+  vision = dict(hidden_size=64, num_hidden_layers=1, num_attention_heads=4, image_size=384,
+                patch_size=16, projection_dim=1024, depth=2, num_image_tokens=TOKENS)
+  vq = dict(embed_dim=8, num_embeddings=16384, latent_channels=256, base_channels=128,
+            channel_multiplier=[1, 1, 2, 2, 4], num_res_blocks=2, projection_dim=1024,
+            image_token_embed_dim=1024, num_hidden_layers=2)
+  return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, tie_word_embeddings=False)
+
+
+class Timer:
+  """Wall time plus the CPU time of other processes in the window (shared machines)."""
+
+  def __enter__(self):
+    self.t0, self.busy0, self.own0 = time.perf_counter(), _busy_s(), _own_s()
+    return self
+
+  def __exit__(self, *exc):
+    self.s = time.perf_counter() - self.t0
+    self.foreign_cores = max(0.0, (_busy_s() - self.busy0) - (_own_s() - self.own0)) / self.s
+    return False
+
+
+def _busy_s() -> float:
+  fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+  return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_s() -> float:
+  t = os.times()
+  return t.user + t.system
+
+
+def best_of(fn, repeats: int) -> tuple[float, float]:
+  """(fastest seconds, foreign load in cores during that run)."""
+  runs = []
+  for _ in range(repeats):
+    with Timer() as t:
+      fn()
+    runs.append((t.s, t.foreign_cores))
+  return min(runs)
+
+
+# --- machine ceilings -----------------------------------------------------------------------
+
+
+def jax_ceilings() -> dict:
+  x = jnp.ones((256 << 20,), jnp.float32)  # 1 GiB
+  total = jax.jit(jnp.sum)
+  copy = jax.jit(lambda v: v * 1.0001)
+  a = jnp.ones((2048, 2048), jnp.float32)
+  mm = jax.jit(lambda u: u @ u)
+  for f, arg in ((total, x), (copy, x), (mm, a)):
+    jax.block_until_ready(f(arg))
+  read_s, _ = best_of(lambda: jax.block_until_ready(total(x)), 5)
+  copy_s, _ = best_of(lambda: jax.block_until_ready(copy(x)), 5)
+  mm_s, _ = best_of(lambda: jax.block_until_ready(mm(a)), 5)
+  return dict(read_gbs=x.nbytes / read_s / 1e9, copy_gbs=2 * x.nbytes / copy_s / 1e9,
+              matmul_gflops=2 * 2048**3 / mm_s / 1e9)
+
+
+def torch_ceilings() -> dict:
+  x = torch.ones(256 << 20)
+  y = torch.empty_like(x)
+  a = torch.ones(2048, 2048)
+  read_s, _ = best_of(lambda: x.sum(), 5)
+  copy_s, _ = best_of(lambda: y.copy_(x), 5)
+  mm_s, _ = best_of(lambda: a @ a, 5)
+  return dict(read_gbs=x.nbytes / read_s / 1e9, copy_gbs=2 * x.nbytes / copy_s / 1e9,
+              matmul_gflops=2 * 2048**3 / mm_s / 1e9)
+
+
+def step_floor(model, params, rows: int, steps: int, bw_gbs: float, gflops: float) -> dict:
+  """Per-step lower bound: weights (trunk, image head, gen aligner) + KV at the mean context."""
+  flat = flax.traverse_util.flatten_dict(params)
+  per_step = sum(v.size for k, v in flat.items()
+                 if k[0] in ("image_head", "generation_aligner") or k[:2] == ("llm", "decoder"))
+  c = model.config.llm
+  kv_per_token = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4
+  ctx = PROMPT_LEN + steps / 2
+  nbytes = per_step * 4 + rows * ctx * kv_per_token
+  flops = 2 * per_step * rows + 4 * rows * c.num_layers * ctx * c.num_heads * c.head_dim
+  bw_ms, flop_ms = nbytes / bw_gbs / 1e6, flops / gflops / 1e6
+  return dict(weights_mb=per_step * 4 / 1e6, bytes_mb=nbytes / 1e6, gflop=flops / 1e9,
+              bw_ms=bw_ms, flop_ms=flop_ms, floor_ms=max(bw_ms, flop_ms))
+
+
+# --- the three samplers ---------------------------------------------------------------------
+
+
+def prompts(batch: int) -> tuple[np.ndarray, np.ndarray]:
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, 100000, (batch, PROMPT_LEN))
+  ids[:, 0], ids[:, -1] = BOS, BOI
+  return ids, np.ones(ids.shape, bool)
+
+
+def bench_jax(model, params, batch: int, steps: int, repeats: int) -> dict:
+  ids, valid = prompts(batch)
+  settings = sampling.Sampler(temperature=TEMPERATURE)
+  run = lambda seed: jax.block_until_ready(sampling.generate_image_tokens(
+      model, params, ids, valid, rng=jax.random.key(seed), pad_id=PAD, cfg_weight=CFG,
+      settings=settings, num_image_tokens=steps))
+  with Timer() as cold:
+    run(0)
+  total_s, foreign = best_of(lambda: run(1), repeats)
+  # The prefill alone, on the same padded rows as generate_image_tokens builds them.
+  length = sampling.bucket_length(PROMPT_LEN)
+  rows, rows_valid = sampling.cfg_rows(np.pad(ids, [(0, 0), (length - PROMPT_LEN, 0)]),
+                                       np.pad(valid, [(0, 0), (length - PROMPT_LEN, 0)]), PAD)
+  prefill = lambda: jax.block_until_ready(sampling._image_prefill(
+      model, params, jnp.asarray(rows, jnp.int32), jnp.asarray(rows_valid), num_slots=length + steps,
+      mesh=None))
+  prefill_s, _ = best_of(prefill, 3)
+  # The VQ decode needs the full 24 x 24 grid: real tokens when all 576 were generated.
+  vq_ids = run(2) if steps == TOKENS else np.zeros((batch, TOKENS), np.int32)
+  decode = lambda: jax.block_until_ready(sampling.decode_images(model, params, vq_ids))
+  with Timer() as vq_cold:
+    decode()
+  vq_s, _ = best_of(decode, 1)
+  return dict(total_s=total_s, prefill_ms=prefill_s * 1e3, compile_s=cold.s - total_s,
+              vq_s=vq_s, vq_compile_s=vq_cold.s - vq_s, foreign_cores=foreign)
+
+
+def bench_hf(hf, batch: int, steps: int, repeats: int) -> dict:
+  ids, valid = prompts(batch)
+  hf.model.vision_model.config.num_image_tokens = steps
+  run = lambda: hf.generate(torch.from_numpy(ids), attention_mask=torch.from_numpy(valid.astype(np.int64)),
+                            generation_mode="image", do_sample=True, guidance_scale=CFG,
+                            temperature=TEMPERATURE, top_k=0)
+  with torch.no_grad():
+    hf.model.vision_model.config.num_image_tokens = min(steps, 8)
+    run()  # warm-up (no compilation in eager torch; a short run suffices)
+    hf.model.vision_model.config.num_image_tokens = steps
+    total_s, foreign = best_of(run, repeats)
+  hf.model.vision_model.config.num_image_tokens = TOKENS
+  return dict(total_s=total_s, foreign_cores=foreign)
+
+
+def eager_loop(hf, ids: np.ndarray, steps: int) -> torch.Tensor:
+  """The reference's generation loop (README / generation_inference.py) over transformers modules."""
+  tokens = torch.from_numpy(np.repeat(ids, 2, axis=0))
+  tokens[1::2, 1:-1] = PAD  # interleaved unconditional rows keep BOS and BOI
+  embeds = hf.get_input_embeddings()(tokens)
+  generated = torch.zeros((ids.shape[0], steps), dtype=torch.long)
+  cache = None
+  for i in range(steps):
+    out = hf.model.language_model(inputs_embeds=embeds, use_cache=True, cache=cache)
+    cache = out.cache if hasattr(out, "cache") else out.past_key_values
+    logits = hf.model.generation_head(out.last_hidden_state[:, -1, :])
+    cond, uncond = logits[0::2], logits[1::2]
+    probs = torch.softmax((uncond + CFG * (cond - uncond)) / TEMPERATURE, dim=-1)
+    next_token = torch.multinomial(probs, num_samples=1)
+    generated[:, i] = next_token.squeeze(-1)
+    embeds = hf.prepare_embeddings_for_image_generation(
+        torch.cat([next_token, next_token], dim=1).view(-1)).unsqueeze(1)
+  return generated
+
+
+def bench_eager(hf, batch: int, steps: int, repeats: int) -> dict:
+  ids, _ = prompts(batch)
+  with torch.no_grad():
+    eager_loop(hf, ids, min(steps, 8))
+    total_s, foreign = best_of(lambda: eager_loop(hf, ids, steps), repeats)
+  return dict(total_s=total_s, foreign_cores=foreign)
+
+
+def bench_torch_vq(hf) -> float:
+  ids = torch.zeros((1, TOKENS), dtype=torch.long)
+  with torch.no_grad():
+    hf.decode_image_tokens(ids)
+    return best_of(lambda: hf.decode_image_tokens(ids), 1)[0]
+
+
+# --- report ---------------------------------------------------------------------------------
+
+
+def summarise(r: dict, batch: int, steps: int) -> dict:
+  ms_step = r["total_s"] / steps * 1e3
+  # Images/s of tokens for a full 576-token image (extrapolated when fewer steps were timed).
+  image_s = r["total_s"] * TOKENS / steps
+  return dict(r, ms_per_step=ms_step, tokens_per_s=batch * steps / r["total_s"],
+              images_per_s=batch / image_s, seconds_per_576=image_s)
+
+
+def main():
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--batches", default="1,8", help="images per run, comma separated")
+  p.add_argument("--steps", type=int, default=TOKENS, help="image tokens timed per run (<= 576)")
+  p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (best kept)")
+  p.add_argument("--skip", default="", help="comma list of: hf, eager, torch_vq")
+  p.add_argument("--out", default=None, help="write the results as JSON here")
+  args = p.parse_args()
+  batches = [int(b) for b in args.batches.split(",")]
+  skip = set(filter(None, args.skip.split(",")))
+  torch.set_num_threads(2)
+  torch.manual_seed(0)
+
+  t0 = time.perf_counter()
+  hf = JanusForConditionalGeneration(hf_config()).eval()
+  hf.generation_config.bos_token_id, hf.generation_config.pad_token_id = BOS, PAD
+  hf.generation_config.generation_kwargs = {"boi_token_id": BOI}
+  model = janus_lib.build(convert.config_from_hf(hf.config.to_dict()))
+  state = {k: v.detach().numpy() for k, v in hf.state_dict().items()}
+  params = jax.tree.map(jnp.asarray, convert.params_from_hf_state_dict(state, model))
+  del state
+  print(f"built + converted in {time.perf_counter() - t0:.1f} s", flush=True)
+
+  results = dict(config=dict(prompt_len=PROMPT_LEN, steps=args.steps, cfg=CFG, temperature=TEMPERATURE,
+                             jax=jax.__version__, torch=torch.__version__, devices=str(jax.devices())),
+                 ceilings=dict(jax=jax_ceilings()), jax={}, hf={}, eager={}, floor={})
+  print("jax ceilings", results["ceilings"]["jax"], flush=True)
+  for b in batches:
+    results["jax"][b] = summarise(bench_jax(model, params, b, args.steps, args.repeats), b, args.steps)
+    print(f"jax B={b}", results["jax"][b], flush=True)
+  time.sleep(1.0)  # let XLA's worker threads go idle before torch's OpenMP pool spins up
+  results["ceilings"]["torch"] = torch_ceilings()
+  print("torch ceilings", results["ceilings"]["torch"], flush=True)
+  for b in batches:
+    if "hf" not in skip:
+      results["hf"][b] = summarise(bench_hf(hf, b, args.steps, args.repeats), b, args.steps)
+      print(f"hf B={b}", results["hf"][b], flush=True)
+    if "eager" not in skip:
+      results["eager"][b] = summarise(bench_eager(hf, b, args.steps, args.repeats), b, args.steps)
+      print(f"eager B={b}", results["eager"][b], flush=True)
+  if "torch_vq" not in skip:
+    results["torch_vq_s_per_image"] = bench_torch_vq(hf)
+
+  ceil = results["ceilings"]
+  bw = max(ceil["jax"]["read_gbs"], ceil["torch"]["read_gbs"])
+  rate = max(ceil["jax"]["matmul_gflops"], ceil["torch"]["matmul_gflops"])
+  for b in batches:
+    results["floor"][b] = step_floor(model, params, 2 * b, args.steps, bw, rate)
+  print_table(results, batches)
+  if args.out:
+    with open(args.out, "w") as f:
+      json.dump(results, f, indent=1, default=str)
+
+
+def print_table(results: dict, batches: list[int]) -> None:
+  c = results["ceilings"]
+  print(f"\nceilings: read {c['jax']['read_gbs']:.0f} (jax) / {c['torch']['read_gbs']:.0f} (torch) GB/s, "
+        f"copy {c['jax']['copy_gbs']:.0f} / {c['torch']['copy_gbs']:.0f} GB/s r+w, "
+        f"matmul {c['jax']['matmul_gflops']:.0f} / {c['torch']['matmul_gflops']:.0f} GFLOP/s; "
+        f"steps timed {results['config']['steps']}")
+  head = ("| path | B (rows) | ms/step | floor ms | x floor | tokens/s | images/s (tokens) | "
+          "prefill ms | compile s | VQ s/img | foreign cores |")
+  print(head)
+  print("|" + "---|" * (head.count("|") - 1))
+  for b in batches:
+    fl = results["floor"][b]
+    for name in ("jax", "hf", "eager"):
+      r = results[name].get(b)
+      if not r:
+        continue
+      extra = (f"{r['prefill_ms']:.0f} | {r['compile_s']:.1f} | {r['vq_s'] / b:.2f}"
+               if name == "jax" else "- | - | -")
+      print(f"| {name} | {b} ({2 * b}) | {r['ms_per_step']:.1f} | {fl['floor_ms']:.1f} | "
+            f"{r['ms_per_step'] / fl['floor_ms']:.2f} | {r['tokens_per_s']:.1f} | "
+            f"{r['images_per_s']:.4f} | {extra} | {r['foreign_cores']:.2f} |")
+  print("\n| B | floor (bytes MB / GFLOP) | HF / jax | eager / jax | jax / floor |")
+  print("|---|---|---|---|---|")
+  for b in batches:
+    fl, jx = results["floor"][b], results["jax"][b]["ms_per_step"]
+    ratio = lambda n: f"{results[n][b]['ms_per_step'] / jx:.2f}" if b in results[n] else "-"
+    print(f"| {b} | {fl['floor_ms']:.1f} ms ({fl['bytes_mb']:.0f} / {fl['gflop']:.2f}) | {ratio('hf')} | "
+          f"{ratio('eager')} | {jx / fl['floor_ms']:.2f} |")
+  if "torch_vq_s_per_image" in results:
+    print(f"\nVQ decode (576 ids -> 384x384): torch {results['torch_vq_s_per_image']:.2f} s/img; jax "
+          + ", ".join(f"B={b} {results['jax'][b]['vq_s'] / b:.2f} s/img" for b in batches))
+
+
+if __name__ == "__main__":
+  main()
