@@ -75,7 +75,9 @@ def logical_to_sharding(logical_tree: Any, mesh: Mesh, rules=LOGICAL_RULES) -> A
 
 
 def param_shardings(abstract_boxed_params: Any, mesh: Mesh) -> Any:
-  """NamedShardings for params from their boxed abstract tree (`janus.abstract_params`).
+  """NamedShardings for params, optimizer state or a whole train state, from an abstract tree
+  whose parameter leaves are logically partitioned boxes (optax states keep the boxes); leaves
+  without names (step counters, RNG keys) are replicated.
 
   A dimension that the mesh axes do not divide is replicated instead (small test models).
   """

@@ -1,0 +1,84 @@
+"""Training checkpoints: orbax CheckpointManager holding the train state and the data iterator.
+
+- Async saves every N steps (and forced ones at the end / on SIGTERM), keeping the last K.
+- Restore always goes into an abstract target whose shardings come from the *current* mesh, so a
+  checkpoint written on one mesh shape restores onto another.
+- A latest step that fails to restore (truncated, corrupt) is skipped with a warning and the
+  previous one is used; orbax never lists a step whose save did not finish.
+- `PreemptionFlag` turns SIGTERM into a flag the loop checks between steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+STATE, DATA = "state", "data"
+
+
+class CheckpointManager:
+  def __init__(self, directory: str, save_every: int, keep: int, async_save: bool = True):
+    self.directory = os.path.abspath(directory)
+    options = ocp.CheckpointManagerOptions(
+        save_interval_steps=save_every, max_to_keep=keep, enable_async_checkpointing=async_save,
+        create=True)
+    self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                          item_names=(STATE, DATA))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_state: dict[str, Any] | None, force: bool = False) -> bool:
+    args = {STATE: ocp.args.StandardSave(state)}
+    args[DATA] = ocp.args.JsonSave(data_state or {})
+    return self._manager.save(step, args=ocp.args.Composite(**args), force=force)
+
+  def restore(self, abstract_state: Any, step: int | None = None) -> tuple[int, Any, dict] | None:
+    """(step, state, data_state) of `step`, or of the newest step that restores; None if none."""
+    steps = [step] if step is not None else sorted(self.all_steps(), reverse=True)
+    for i, s in enumerate(steps):
+      try:
+        out = self._manager.restore(s, args=ocp.args.Composite(
+            **{STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}))
+      except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the previous
+        if step is not None or i == len(steps) - 1:
+          raise RuntimeError(f"{self.directory}: cannot restore step {s}: {e}") from e
+        logging.warning("checkpoint step %d in %s does not restore (%s: %s); falling back to "
+                        "step %d", s, self.directory, type(e).__name__, str(e)[:200], steps[i + 1])
+        continue
+      return s, out[STATE], dict(out[DATA] or {})
+    return None
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the current mesh's shardings (the restore target)."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+class PreemptionFlag:
+  """Set by SIGTERM (a preemption notice); the train loop saves and exits when it sees it."""
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self.raised = False
+    self._previous = {s: signal.signal(s, self._handle) for s in signals}
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    logging.warning("received signal %d: saving a checkpoint and stopping", signum)
+    self.raised = True
+
+  def restore_handlers(self) -> None:
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)

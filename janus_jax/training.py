@@ -1,0 +1,187 @@
+"""Training: the loss, the optimizer for a stage, the train state and the jitted step.
+
+One step embeds a packed batch (text, understanding images at their placeholders, generated-image
+tokens through the generation embedding), runs the LLM with a segment-aware causal mask, and takes
+cross-entropy on text targets with the text head and on image-token targets with the image head.
+No per-task weights: every supervised token counts once; each task's loss is reported separately.
+
+A stage (see configs/) names its trainable parts; the others get `optax.set_to_zero` through
+`optax.multi_transform`, so frozen parts carry no optimizer state and stay bit-identical.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from janus_jax.models import janus as janus_lib
+from janus_jax.models import llm
+
+PARTS = ("understanding_encoder", "understanding_aligner", "generation_tokenizer",
+         "generation_embed", "generation_aligner", "image_head", "llm")
+TASKS = ("understanding", "text", "generation")
+BATCH_KEYS = ("input_ids", "image_token_mask", "image_mask", "pixels", "image_valid", "targets",
+              "target_is_image", "loss_mask", "segment_ids", "positions", "task")
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+
+
+def check_trainable(trainable: Sequence[str]) -> tuple[str, ...]:
+  """Validated trainable part names. The VQ (generation tokenizer) never trains."""
+  unknown = set(trainable) - set(PARTS)
+  if unknown:
+    raise ValueError(f"unknown trainable parts {sorted(unknown)}; known: {list(PARTS)}")
+  if "generation_tokenizer" in trainable:
+    raise ValueError("the generation tokenizer (VQ) is frozen in every stage")
+  if not trainable:
+    raise ValueError("a stage must train at least one part")
+  return tuple(p for p in PARTS if p in trainable)
+
+
+def split_trainable(params: dict[str, Any], trainable: Sequence[str]) -> tuple[dict, dict]:
+  """(trainable parts, frozen parts): gradients and optimizer state exist only for the first."""
+  return ({k: v for k, v in params.items() if k in trainable},
+          {k: v for k, v in params.items() if k not in trainable})
+
+
+def learning_rate_schedule(stage: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up, then constant (the Janus-Pro recipe)."""
+  if stage.warmup_steps <= 0:
+    return optax.constant_schedule(stage.learning_rate)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, stage.learning_rate, stage.warmup_steps),
+       optax.constant_schedule(stage.learning_rate)], [stage.warmup_steps])
+
+
+def make_optimizer(stage: ml_collections.ConfigDict, opt: ml_collections.ConfigDict
+                   ) -> optax.GradientTransformation:
+  """AdamW with global-norm clipping, over the trainable parts only."""
+  return optax.chain(
+      optax.clip_by_global_norm(opt.clip_norm),
+      optax.adamw(learning_rate_schedule(stage), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                  weight_decay=opt.weight_decay))
+
+
+def embed_batch(m: janus_lib.Janus, batch: dict[str, jax.Array]) -> jax.Array:
+  """Input embeddings [B, T, D]: text / understanding images / generated-image tokens."""
+  image_tokens = batch["image_token_mask"]
+  text_ids = jnp.where(image_tokens, 0, batch["input_ids"])
+  x = m.embed_inputs(text_ids, batch["image_mask"], batch["pixels"], batch["image_valid"])
+  codes = jnp.where(image_tokens, batch["input_ids"], 0)
+  return jnp.where(image_tokens[..., None], m.embed_image_tokens(codes).astype(x.dtype), x)
+
+
+def _cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+  logits = logits_BxTxV.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def loss_and_metrics(params: Any, model: janus_lib.Janus, batch: dict[str, jax.Array]
+                     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Mean cross-entropy over every supervised token; plus each task's mean loss and token count."""
+
+  def forward(m: janus_lib.Janus):
+    x = embed_batch(m, batch)
+    hidden, _ = m(x, batch["positions"], llm.segment_mask(batch["segment_ids"]))
+    text_targets = jnp.where(batch["target_is_image"], 0, batch["targets"])
+    image_targets = jnp.where(batch["target_is_image"], batch["targets"], 0)
+    text_ce = _cross_entropy(m.text_logits(hidden), text_targets)
+    image_ce = _cross_entropy(m.image_logits(hidden), image_targets)
+    return jnp.where(batch["target_is_image"], image_ce, text_ce)
+
+  ce_BxT = model.apply({"params": params}, method=forward)
+  mask = batch["loss_mask"].astype(jnp.float32)
+  tokens = jnp.maximum(mask.sum(), 1.0)
+  loss = (ce_BxT * mask).sum() / tokens
+  metrics = {"loss": loss, "supervised_tokens": mask.sum()}
+  for i, task in enumerate(TASKS):
+    task_mask = mask * (batch["task"] == i)
+    metrics[f"loss/{task}"] = (ce_BxT * task_mask).sum() / jnp.maximum(task_mask.sum(), 1.0)
+    metrics[f"tokens/{task}"] = task_mask.sum()
+  return loss, metrics
+
+
+def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: janus_lib.Janus,
+               optimizer: optax.GradientTransformation, schedule: optax.Schedule,
+               trainable: tuple[str, ...]) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step over the trainable parts (jit with a donated state; see train.py).
+
+  Frozen parts are closed over, not differentiated: no gradient work and they stay bit-identical.
+  """
+  train_params, frozen_params = split_trainable(state.params, trainable)
+
+  def loss_fn(train_params):
+    return loss_and_metrics({**frozen_params, **train_params}, model, batch)
+
+  (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params)
+  updates, opt_state = optimizer.update(grads, state.opt_state, train_params)
+  train_params = optax.apply_updates(train_params, updates)
+  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["learning_rate"] = schedule(state.step)
+  rng, _ = jax.random.split(state.rng)
+  return TrainState(state.step + 1, {**state.params, **train_params}, opt_state, rng), metrics
+
+
+def init_state(optimizer: optax.GradientTransformation, params: dict[str, Any],
+               trainable: tuple[str, ...], rng: jax.Array) -> TrainState:
+  train_params, _ = split_trainable(params, trainable)
+  return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(train_params), rng)
+
+
+def abstract_batch(config: ml_collections.ConfigDict, batch_size: int) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of one global batch (the data pipeline's contract)."""
+  t, i, s = config.data.seq_len, config.data.max_images_per_row, config.model.vision.image_size
+  bt = (batch_size, t)
+  return {"input_ids": jax.ShapeDtypeStruct(bt, jnp.int32),
+          "image_token_mask": jax.ShapeDtypeStruct(bt, jnp.bool_),
+          "image_mask": jax.ShapeDtypeStruct(bt, jnp.bool_),
+          "pixels": jax.ShapeDtypeStruct((batch_size, i, s, s, 3), jnp.float32),
+          "image_valid": jax.ShapeDtypeStruct((batch_size, i), jnp.bool_),
+          "targets": jax.ShapeDtypeStruct(bt, jnp.int32),
+          "target_is_image": jax.ShapeDtypeStruct(bt, jnp.bool_),
+          "loss_mask": jax.ShapeDtypeStruct(bt, jnp.bool_),
+          "segment_ids": jax.ShapeDtypeStruct(bt, jnp.int32),
+          "positions": jax.ShapeDtypeStruct(bt, jnp.int32),
+          "task": jax.ShapeDtypeStruct(bt, jnp.int32)}
+
+
+def flops_per_step(config: ml_collections.ConfigDict, batch_size: int, trainable: Sequence[str]) -> float:
+  """Analytic matmul FLOPs of one train step (forward 2N per token, backward 4N where weights
+  train, 2N where only activation gradients flow), counting the LLM, both heads and attention.
+
+  The understanding encoder is counted per image slot; the VQ is not run in the step.
+  """
+  c = config.model
+  l, d, t = c.llm, c.llm.hidden_size, config.data.seq_len
+  attn_proj = d * l.head_dim * (2 * l.num_heads + 2 * l.num_kv_heads)
+  llm_params = l.num_layers * (attn_proj + 3 * d * l.mlp_dim)
+  heads = d * l.vocab_size + c.image_head_dim * (d + c.vq.codebook_size)
+  attention = l.num_layers * 2 * t * l.num_heads * l.head_dim  # QK^T and PV, causal half
+  per_token_fwd = 2 * (llm_params + heads) + 2 * attention
+  train_llm = "llm" in trainable
+  backward = (2 if train_llm else 1) * per_token_fwd  # activation grads always reach the aligners
+  v = c.vision
+  vit_params = v.depth * (4 * v.width * v.width + 2 * v.width * v.mlp_dim)
+  patches = (v.image_size // v.patch_size) ** 2
+  vit_fwd = 2 * vit_params * patches * config.data.max_images_per_row
+  vit_bwd = 2 * vit_fwd if "understanding_encoder" in trainable else 0
+  return float(batch_size * (t * (per_token_fwd + backward) + vit_fwd + vit_bwd))
+
+
+def count_params(params: Any) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(nn.unbox(params))))
