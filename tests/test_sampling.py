@@ -145,16 +145,24 @@ def test_sample_logits_settings():
     sampling.Sampler(top_p=0.0)
 
 
-def test_seeded_image_sampling_is_reproducible(setup):
-  _, model, params = setup
+def _sampled_image_tokens(seed: int, mesh=None):
+  _, model, params = _setup()
   ids, valid = _t2i_prompts()
-  run = lambda seed: np.asarray(sampling.generate_image_tokens(
+  return np.asarray(sampling.generate_image_tokens(
       model, params, ids, valid, rng=jax.random.key(seed), pad_id=PAD, cfg_weight=CFG,
-      settings=sampling.Sampler(temperature=1.0), images_per_prompt=2))
-  a = run(0)
+      settings=sampling.Sampler(temperature=1.0), images_per_prompt=2, mesh=mesh))
+
+
+@functools.lru_cache(maxsize=None)
+def _sampled_unsharded(seed: int):
+  return _sampled_image_tokens(seed)
+
+
+def test_seeded_image_sampling_is_reproducible(setup):
+  a = _sampled_unsharded(0)
   assert a.shape == (4, 16)
-  np.testing.assert_array_equal(a, run(0))
-  assert (a != run(1)).any()
+  np.testing.assert_array_equal(a, _sampled_image_tokens(0))
+  assert (a != _sampled_unsharded(1)).any()
   assert (a[0] != a[1]).any()  # two images of one prompt differ
 
 
@@ -230,13 +238,16 @@ def test_prompt_longer_than_context(setup):
 
 
 def test_sharded_sampling_equals_single_device(setup):
+  """2 x 2 data-parallel shards, 2-way tensor parallel: the same tokens as one device."""
   _, model, params = setup
   ids, valid = _t2i_prompts()
-  for mesh_shape, settings in (((2, 2, 2), sampling.GREEDY), ((4, 2, 1), sampling.Sampler())):
-    run = lambda mesh: np.asarray(sampling.generate_image_tokens(
-        model, params, ids, valid, rng=jax.random.key(3), pad_id=PAD, cfg_weight=CFG,
-        settings=settings, images_per_prompt=4, mesh=mesh))
-    np.testing.assert_array_equal(run(sharding.make_mesh(mesh_shape)), run(None))
+  mesh = sharding.make_mesh((2, 2, 2))
+  greedy = sampling.generate_image_tokens(model, params, ids, valid, rng=jax.random.key(0),
+                                          pad_id=PAD, cfg_weight=CFG, settings=sampling.GREEDY,
+                                          images_per_prompt=2, mesh=mesh)
+  assert len(greedy.sharding.device_set) == 8
+  np.testing.assert_array_equal(np.asarray(greedy), np.repeat(_greedy_image_tokens(), 2, axis=0))
+  np.testing.assert_array_equal(_sampled_image_tokens(0, mesh), _sampled_unsharded(0))
   with pytest.raises(ValueError, match="divisible by the data-parallel size 8"):
     sampling.generate_image_tokens(model, params, ids, valid, rng=jax.random.key(0), pad_id=PAD,
                                    images_per_prompt=2, mesh=sharding.make_mesh((4, 2, 1)))
