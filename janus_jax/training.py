@@ -108,7 +108,8 @@ def loss_and_metrics(params: Any, model: janus_lib.Janus, batch: dict[str, jax.A
   mask = batch["loss_mask"].astype(jnp.float32)
   tokens = jnp.maximum(mask.sum(), 1.0)
   loss = (ce_BxT * mask).sum() / tokens
-  metrics = {"loss": loss, "supervised_tokens": mask.sum()}
+  metrics = {"loss": loss, "supervised_tokens": mask.sum(),
+             "tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32)}
   for i, task in enumerate(TASKS):
     task_mask = mask * (batch["task"] == i)
     metrics[f"loss/{task}"] = (ce_BxT * task_mask).sum() / jnp.maximum(task_mask.sum(), 1.0)

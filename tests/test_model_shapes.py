@@ -105,9 +105,18 @@ def reference_key_shapes(d: int, mlp: int, layers: int, vocab: int = 102400):
 
 @functools.lru_cache(maxsize=None)
 def tiny_params(seed: int = 0):
-  """Tiny params, initialised once per session (XLA:CPU compiles init slowly)."""
+  """Tiny params, drawn on the host once per session."""
   model = janus_lib.build(load_config("tiny").model)
-  return nn.unbox(jax.jit(lambda k: janus_lib.init_params(model, k))(jax.random.key(seed)))
+  return jax.tree.map(jnp.asarray, janus_lib.init_params_host(model, seed))
+
+
+def test_host_init_matches_the_model_shapes_and_dtypes():
+  model = janus_lib.build(load_config("tiny").model)
+  abstract = nn.unbox(janus_lib.abstract_params(model))
+  host = janus_lib.init_params_host(model, 0)
+  assert jax.tree.structure(abstract) == jax.tree.structure(host)
+  for a, h in zip(jax.tree.leaves(abstract), jax.tree.leaves(host)):
+    assert a.shape == h.shape and a.dtype == h.dtype
 
 
 def _count(tree) -> int:

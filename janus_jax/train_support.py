@@ -1,0 +1,244 @@
+"""The plumbing that train.py calls: stage selection and config checks (all before compiling),
+the ways a stage gets its starting params, data wiring, metrics and memory reports."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from janus_jax import pretrained, sharding, training
+from janus_jax.models import janus as janus_lib
+
+# --- config checks ------------------------------------------------------------------------------
+
+
+def stages_to_run(config: ml_collections.ConfigDict) -> list[str]:
+  """config.stage = 0: every stage of the table in order; k: only `stage{k}`."""
+  names = [n for n in config.stages.keys() if n.startswith("stage")]
+  names.sort(key=lambda n: int(n[len("stage"):]))
+  if config.stage == 0:
+    return names
+  name = f"stage{config.stage}"
+  if name not in names:
+    raise ValueError(f"--config.stage={config.stage}: unknown stage; the config defines "
+                     f"{', '.join(names)} (or 0 for all)")
+  return [name]
+
+
+def check_stage(config: ml_collections.ConfigDict, name: str, mesh) -> None:
+  """Everything about a stage that can be wrong, checked before anything compiles."""
+  stage = config.stages[name]
+  training.check_trainable(stage.trainable)
+  if stage.steps < 0 or stage.batch_size <= 0:
+    raise ValueError(f"config.stages.{name}: steps must be >= 0 and batch_size > 0")
+  shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
+  if stage.batch_size % shards:
+    raise ValueError(f"config.stages.{name}.batch_size = {stage.batch_size} is not divisible by "
+                     f"the {shards} data shards of mesh {dict(mesh.shape)} (config.mesh)")
+  if stage.batch_size % jax.process_count():
+    raise ValueError(f"config.stages.{name}.batch_size = {stage.batch_size} is not divisible by "
+                     f"the {jax.process_count()} hosts")
+  if len(stage.mixture) != 3 or min(stage.mixture) < 0 or sum(stage.mixture) <= 0:
+    raise ValueError(f"config.stages.{name}.mixture = {tuple(stage.mixture)}: need three "
+                     "non-negative weights (understanding, text, text-to-image), not all zero")
+  from janus_jax.data import pipeline  # the data package checks datasets and feature keys
+
+  pipeline.check_sources(config.data, stage.mixture)
+
+
+# --- tokenizer and starting params --------------------------------------------------------------
+
+
+def tokenizer_dir(config: ml_collections.ConfigDict) -> str:
+  directory = config.tokenizer or config.init_from
+  if not directory:
+    raise ValueError("set config.tokenizer (a directory with tokenizer.json or a *.model) or "
+                     "config.init_from (a converted checkpoint that carries its tokenizer)")
+  return directory
+
+
+def load_tokenizer(config: ml_collections.ConfigDict):
+  from janus_jax.tokenizer import Tokenizer
+
+  return Tokenizer.from_dir(tokenizer_dir(config))
+
+
+def init_state_from_rng(model, optimizer, trainable, rng) -> training.TrainState:
+  """A train state from freshly initialised params (used under eval_shape for the shapes)."""
+  params = janus_lib.init_params(model, rng)
+  return training.init_state(optimizer, params, trainable, rng)
+
+
+# Below this size a random init is drawn on the host (fast to start); above it, a jitted init
+# writes each shard straight onto its devices.
+HOST_INIT_MAX_PARAMS = 200_000_000
+
+
+def _previous_stage(config, name: str) -> str | None:
+  names = sorted((n for n in config.stages.keys() if n.startswith("stage")),
+                 key=lambda n: int(n[len("stage"):]))
+  i = names.index(name)
+  return names[i - 1] if i > 0 else None
+
+
+def initial_params(config, model, name: str, carried: Any, param_shardings: Any, mesh) -> Any:
+  """Where a stage starts, in order: the previous stage's params (this run), the previous stage's
+  exported model on disk ("init from" the last stage), config.init_from (a converted checkpoint,
+  e.g. Janus-Pro-1B), random init. Resuming a stage itself is the checkpoint manager's job."""
+  if carried is not None:
+    return jax.device_put(carried, param_shardings)
+  previous = _previous_stage(config, name)
+  export = os.path.join(config.workdir, previous, "model") if previous else ""
+  source = export if export and os.path.isdir(export) else config.init_from
+  if source:
+    print(f"{name} starts from {source}")
+    return pretrained.restore_params(source, model, mesh)
+  print(f"{name} starts from random parameters (seed {config.seed})")
+  if training.count_params(janus_lib.abstract_params(model)) < HOST_INIT_MAX_PARAMS:
+    return jax.device_put(janus_lib.init_params_host(model, config.seed), param_shardings)
+  init = jax.jit(lambda rng: nn.unbox(janus_lib.init_params(model, rng)), out_shardings=param_shardings)
+  return init(jax.random.key(config.seed))
+
+
+def export_stage(config, name: str, model, params) -> str:
+  path = os.path.join(config.workdir, name, "model")
+  pretrained.write_converted(path, params, config.model, config.family, tokenizer_dir(config),
+                             overwrite=True)
+  return path
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+def make_vq_encoder(model: janus_lib.Janus, params: Any):
+  """pixels [n, H, W, 3] in [-1, 1] -> VQ ids [n, h*w], jitted, with the frozen VQ params."""
+  vq_params = {"generation_tokenizer": params["generation_tokenizer"]}
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=janus_lib.Janus.vq_encode))
+  return lambda pixels: np.asarray(encode(vq_params, jnp.asarray(pixels, jnp.float32)))
+
+
+def make_data(config, stage, tokenizer, vq_encode, data_state):
+  from janus_jax.data import pipeline
+
+  local_batch = stage.batch_size // jax.process_count()
+  it = pipeline.make_pipeline(config.data, tokenizer, config.family, seed=config.seed,
+                              image_tokenizer=vq_encode, mixture=tuple(stage.mixture),
+                              batch_size=local_batch, shard_index=jax.process_index(),
+                              shard_count=jax.process_count())
+  if data_state:
+    it.set_state(data_state)
+  return it
+
+
+def data_state(it) -> dict[str, Any]:
+  return it.get_state()
+
+
+def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
+  """This host's rows -> one global array per key (each host reads only its shard)."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
+          for k in shardings}
+
+
+# --- numbers ------------------------------------------------------------------------------------
+
+PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "TPU v5p": 459e12,
+              "TPU v5 lite": 197e12, "TPU v4": 275e12, "TPU v6 lite": 918e12}
+
+
+def peak_flops(config) -> float:
+  """Per-device peak FLOP/s: the config's, a table by device kind, or (CPU) a measured matmul."""
+  if config.peak_flops_per_device:
+    return float(config.peak_flops_per_device)
+  kind = jax.devices()[0].device_kind
+  for name, value in PEAK_FLOPS.items():
+    if name.lower() in kind.lower():
+      return value
+  return measure_matmul_flops() / jax.device_count()
+
+
+def measure_matmul_flops(n: int = 1024, repeats: int = 5) -> float:
+  """FLOP/s of a square float32 matmul on the default device (the CPU ceiling MFU compares to)."""
+  a = jnp.ones((n, n), jnp.float32)
+  f = jax.jit(lambda x: x @ x)
+  f(a).block_until_ready()
+  best = math.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    f(a).block_until_ready()
+    best = min(best, time.perf_counter() - t)
+  return 2 * n**3 / best
+
+
+def memory_report(compiled) -> str:
+  try:
+    m = compiled.memory_analysis()
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    return "memory analysis unavailable"
+  if m is None:
+    return "memory analysis unavailable"
+  gb = lambda x: x / 2**30  # noqa: E731
+  total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes
+  return (f"per device: arguments {gb(m.argument_size_in_bytes):.2f} GiB, outputs "
+          f"{gb(m.output_size_in_bytes):.2f} GiB, temporaries {gb(m.temp_size_in_bytes):.2f} GiB, "
+          f"aliased {gb(m.alias_size_in_bytes):.2f} GiB, total {gb(total):.2f} GiB")
+
+
+def check_finite(metrics: dict[str, jax.Array], step: int, manager) -> None:
+  loss = float(metrics["loss"])
+  if not math.isfinite(loss):
+    good = manager.all_steps()
+    raise FloatingPointError(
+        f"loss is {loss} at step {step}: stopping. The last good checkpoint "
+        f"({'step %d' % good[-1] if good else 'none'}) in {manager.directory} is untouched.")
+
+
+class MetricsLogger:
+  """Console progress bar, metrics.jsonl and TensorBoard events (process 0 only)."""
+
+  def __init__(self, workdir: str, name: str, total: int, start: int, log_every: int = 1):
+    self.enabled = jax.process_index() == 0
+    self.log_every = log_every
+    self.name = name
+    self._bar = self._tb = self._file = None
+    if self.enabled:
+      from tqdm import tqdm
+      from tensorboardX import SummaryWriter
+
+      os.makedirs(workdir, exist_ok=True)
+      self._bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True, mininterval=1.0)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def log(self, step: int, metrics: dict[str, jax.Array], seconds: float, flops: float, peak: float):
+    values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not math.isfinite(values["loss"]):
+      raise FloatingPointError(f"loss is {values['loss']} at step {step}: stopping (no checkpoint "
+                               "is written from a non-finite state)")
+    values["tokens_per_second"] = values.pop("tokens") / seconds if "tokens" in values else 0.0
+    values["mfu"] = flops / seconds / peak if peak else 0.0
+    values["step_seconds"] = seconds
+    if not self.enabled:
+      return
+    self._bar.update(step - self._bar.n)
+    self._bar.set_postfix(loss=f"{values['loss']:.3f}", lr=f"{values['learning_rate']:.1e}",
+                          mfu=f"{values['mfu']:.1%}", refresh=False)
+    self._file.write(json.dumps({"stage": self.name, "step": step, **values}) + "\n")
+    if step % self.log_every == 0:
+      for k, v in values.items():
+        self._tb.add_scalar(f"{self.name}/{k}", v, step)
+
+  def close(self):
+    if self.enabled:
+      self._bar.close()
+      self._tb.close()
+      self._file.close()

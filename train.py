@@ -1,0 +1,149 @@
+"""Three-stage Janus training on a ('data', 'fsdp', 'tensor') device mesh.
+
+  python train.py                                   # the offline digits demo (configs/digits.py)
+  python train.py --config=configs/janus_pro_1b.py --config.stage=2 --config.workdir=runs/pro1b
+
+Reads top to bottom: config -> mesh -> model and tokenizer -> for each stage: data -> state
+(resume / previous stage / init_from / random) -> compiled step -> loop -> final model export.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+import time
+
+import flax.linen as nn
+import jax
+from absl import app, flags
+from ml_collections import config_flags
+
+from janus_jax import checkpointing, pretrained, sharding, training
+from janus_jax import train_support as support
+from janus_jax.models import janus as janus_lib
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "digits.py"),
+    "training config", lock_config=True)
+_MAX_STEPS = flags.DEFINE_integer("stop_after", 0, "stop (with a checkpoint) after this many "
+                                  "steps of the current stage; 0 = run the stage to its end")
+
+
+def main(argv) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  config = _CONFIG.value
+  logging.getLogger().setLevel(logging.INFO)
+
+  # --- config checks and mesh (before anything compiles) -------------------------------------
+  if config.distributed:
+    jax.distributed.initialize()
+  stages = support.stages_to_run(config)
+  mesh = sharding.make_mesh(config.mesh)
+  for name in stages:
+    support.check_stage(config, name, mesh)
+  model = janus_lib.build(config.model)
+  tokenizer = support.load_tokenizer(config)
+  os.makedirs(config.workdir, exist_ok=True)
+  with open(os.path.join(config.workdir, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+
+  params = None  # carried from one stage to the next
+  for name in stages:
+    params = run_stage(config, name, mesh, model, tokenizer, params)
+    if params is None:  # stopped early (preemption or --stop_after)
+      return
+    print(f"{name} done: {support.export_stage(config, name, model, params)}")
+  final = os.path.join(config.workdir, "model")
+  pretrained.write_converted(final, params, config.model, config.family,
+                             support.tokenizer_dir(config), overwrite=True)
+  print(f"final model (sample.py --checkpoint): {final}")
+
+
+def run_stage(config, name, mesh, model, tokenizer, carried_params):
+  stage = config.stages[name]
+  trainable = training.check_trainable(stage.trainable)
+  workdir = os.path.join(config.workdir, name)
+  print(f"=== {name}: trains {', '.join(trainable)}; lr {stage.learning_rate}, "
+        f"{stage.steps} steps, batch {stage.batch_size}, mixture {tuple(stage.mixture)}")
+
+  # --- state: shapes and shardings from the logical axis rules ---------------------------------
+  optimizer = training.make_optimizer(stage, config.optimizer)
+  schedule = training.learning_rate_schedule(stage)
+  abstract_state = jax.eval_shape(functools.partial(
+      support.init_state_from_rng, model, optimizer, trainable), jax.random.key(config.seed))
+  state_shardings = sharding.param_shardings(abstract_state, mesh)
+  abstract_state = checkpointing.abstract_with_shardings(nn.unbox(abstract_state), state_shardings)
+
+  manager = checkpointing.CheckpointManager(workdir, config.checkpoint_every, config.keep_checkpoints,
+                                            config.async_checkpoints)
+  restored = manager.restore(abstract_state) if manager.all_steps() else None
+  if restored is not None:
+    start, state, data_state = restored
+    print(f"resuming {name} from step {start}")
+  else:
+    params = support.initial_params(config, model, name, carried_params, state_shardings.params, mesh)
+    state = jax.jit(functools.partial(training.init_state, optimizer, trainable=trainable),
+                    out_shardings=state_shardings)(params, jax.random.key(config.seed))
+    start, data_state = 0, None
+  if start >= stage.steps:
+    manager.close()
+    return state.params
+
+  # --- data ------------------------------------------------------------------------------------
+  vq_encode = support.make_vq_encoder(model, state.params)
+  data = support.make_data(config, stage, tokenizer, vq_encode, data_state)
+  batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim)
+                     for k, v in training.abstract_batch(config, stage.batch_size).items()}
+
+  # --- the compiled step -----------------------------------------------------------------------
+  step_fn = jax.jit(
+      functools.partial(training.train_step, model=model, optimizer=optimizer, schedule=schedule,
+                        trainable=trainable),
+      in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
+      donate_argnums=0)
+  t0 = time.perf_counter()
+  with mesh, sharding.axis_rules():
+    compiled = step_fn.lower(abstract_state, training.abstract_batch(config, stage.batch_size)).compile()
+  print(f"compiled the {name} step in {time.perf_counter() - t0:.1f} s; "
+        + support.memory_report(compiled))
+  flops = training.flops_per_step(config, stage.batch_size, trainable)
+  peak = support.peak_flops(config) * jax.device_count()
+
+  # --- the loop --------------------------------------------------------------------------------
+  logger = support.MetricsLogger(workdir, name, total=stage.steps, start=start,
+                                 log_every=config.log_every)
+  preemption = checkpointing.PreemptionFlag()
+  stop_at = min(stage.steps, start + _MAX_STEPS.value) if _MAX_STEPS.value else stage.steps
+  pending, step, tick = None, start, time.perf_counter()
+  try:
+    while step < stop_at:
+      batch = support.global_batch(next(data), batch_shardings)
+      state, metrics = compiled(state, batch)
+      step += 1
+      if pending is not None:  # fetch the previous step's metrics: the host never waits on this one
+        logger.log(*pending)
+      now = time.perf_counter()
+      pending, tick = (step, metrics, now - tick, flops, peak), now
+      if step % config.checkpoint_every == 0 or step == stop_at or preemption.raised:
+        support.check_finite(metrics, step, manager)  # never save a NaN state
+        manager.save(step, state, support.data_state(data), force=True)
+      if preemption.raised:
+        break
+    if pending is not None:
+      logger.log(*pending)
+  finally:
+    manager.close()
+    logger.close()
+    preemption.restore_handlers()
+  if step < stage.steps:
+    print(f"stopped {name} at step {step} with a checkpoint; run again to resume")
+    return None
+  return state.params
+
+
+if __name__ == "__main__":
+  app.run(main)
+  sys.exit(0)
