@@ -139,6 +139,23 @@ def test_understanding_layout(env):
   assert any("And the second?" in d for d in decoded)  # the multi-turn one was checked
 
 
+def test_understanding_from_caption_pairs(env):
+  c = env.config(shuffle=False, pack=False, caption_prompt="What is shown?", system_prompt="")
+  c.sources.understanding = dict(name=env.names["captions"], data_dir=str(env.data_dir),
+                                 features={"image": "image", "caption": "caption"})
+  it = make_pipeline(c, env.tok, FAMILY, seed=0, mixture=(1, 0, 0), batch_size=2)
+  src = env.source("captions")
+  for i, row in enumerate(rows(it, 2)):
+    caption = src[i]["caption"].decode()
+    length = int((row["segment_ids"] > 0).sum())
+    assert env.decode(row["input_ids"][:length]) == BOS + expand(
+        f"<|User|>: {IMAGE_TAG}\nWhat is shown?\n\n<|Assistant|>: {caption}{EOS_TOKEN}")
+    assert env.decode(row["targets"][row["loss_mask"]]) == f" {caption}{EOS_TOKEN}"
+    np.testing.assert_array_equal(row["pixels"][0],
+                                  processing.preprocess_image(src[i]["image"], SIZE))
+    assert row["image_valid"].tolist() == [True, False]
+
+
 def test_text_layout(env):
   src = env.source("texts")
   for i, row in enumerate(rows(env.pipeline((0, 1, 0), shuffle=False, pack=False), 5)):

@@ -191,7 +191,8 @@ def _read(builder: Any, name: str, split: str, data_dir: str | None, shard: tupl
           seed: int, shuffle: bool, read_options: grain.ReadOptions,
           transform: Callable[[int, Any], transforms.Example]) -> grain.IterDataset:
   """One source as an endless IterDataset of transformed examples (this host's shard)."""
-  if builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+  fmt = builder.info.file_format
+  if fmt == tfds.core.FileFormat.ARRAY_RECORD:
     src = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
     ds = grain.MapDataset.source(src)[shard[0]::shard[1]]
     if len(ds) == 0:
@@ -204,7 +205,7 @@ def _read(builder: Any, name: str, split: str, data_dir: str | None, shard: tupl
     import tensorflow  # noqa: F401  # pylint: disable=import-outside-toplevel,unused-import
   except ImportError as e:
     raise DatasetError(
-        f"dataset {name!r} is stored as {builder.info.file_format.value}, which is read through "
+        f"dataset {name!r} is stored as {getattr(fmt, 'value', fmt)}, which is read through "
         "tf.data: install the `tensorflow` extra (pip install 'janus_jax[tensorflow]'), or "
         "rebuild it with file_format='array_record'") from e
   ds = _TfDataIterDataset(builder, split, shard, seed, shuffle)
