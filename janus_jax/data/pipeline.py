@@ -36,7 +36,7 @@ proportions, interleaved deterministically; a source with weight 0 is not read (
 
 Batches (B = batch_size rows, per host): input_ids, targets, segment_ids, positions, task int32
 [B, T]; image_token_mask, image_mask, target_is_image, loss_mask bool [B, T]; pixels float32
-[B, I, S, S, 3]; image_valid bool [B, I]. Padding positions have segment id 0 and no loss.
+[B, I, S, S, 3]; image_valid bool [B, I]. Padding: segment id 0, input pad_id, task 0, no loss.
 Length policy: see janus_jax.data.transforms. Each host reads the shard_index-th of shard_count
 interleaved slices of every source (disjoint), so the batches are per-host and different.
 """
