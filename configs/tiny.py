@@ -25,4 +25,4 @@ def tiny_stages():
   return ml_collections.ConfigDict(dict(
       stage1=s(recipes.STAGE1_PARTS, 1e-2, 2, 6, 8, (1, 0, 3)),
       stage2=s(recipes.STAGE2_PARTS, 3e-3, 2, 6, 8, (2, 3, 5)),
-      stage3=s(recipes.STAGE3_PARTS, 1e-3, 0, 6, 8, (5, 1, 4))))
+      stage3=s(recipes.STAGE3_PARTS, 5e-3, 0, 6, 8, (5, 1, 4))))

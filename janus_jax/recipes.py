@@ -32,23 +32,24 @@ def janus_pro_stages(stage3_steps: int) -> ml_collections.ConfigDict:
   ))
 
 
-def data_config(seq_len: int = 4096, image_size: int = 384, num_image_tokens: int = 576
-                ) -> ml_collections.ConfigDict:
-  """Sources are tfds datasets (array_record) named by the user; see janus_jax/data/pipeline.py."""
+def data_config(model: ml_collections.ConfigDict, seq_len: int = 4096) -> ml_collections.ConfigDict:
+  """The data block (fields: janus_jax/data/pipeline.py). Sources are tfds datasets named by the
+  user: --config.data.sources.generation.name=my_t2i_dataset --config.data.sources.generation.data_dir=..."""
+  from janus_jax.data import pipeline
 
-  def source(**features):
-    return ml_collections.ConfigDict(dict(name="", split="train", data_dir="", features=features))
-
-  return ml_collections.ConfigDict(dict(
-      seq_len=seq_len, pack=True, max_images_per_row=2, image_size=image_size,
-      gen_image_size=image_size, num_image_tokens_und=num_image_tokens,
-      # Probability of replacing a caption with padding so the unconditional branch of CFG is
-      # learnt. Not in the Janus / Janus-Pro reports; JanusFlow reports 10%, assumed here.
-      cfg_drop=0.1,
-      sources=ml_collections.ConfigDict(dict(
-          understanding=source(image="image", question="question", answer="answer"),
-          text=source(text="text"),
-          generation=source(image="image", caption="caption")))))
+  c = pipeline.default_config()
+  c.seq_len = seq_len
+  c.image_size = model.vision.image_size
+  c.num_image_tokens_und = (model.vision.image_size // model.vision.patch_size) ** 2
+  c.num_image_tokens_gen = model.vq.grid_size**2
+  c.gen_image_size = model.vq.grid_size * 2 ** (len(model.vq.channel_multipliers) - 1)
+  c.max_images_per_row = 2
+  # Probability of replacing a caption with padding so that CFG's unconditional branch is learnt.
+  # Not stated in the Janus / Janus-Pro reports; JanusFlow reports 10%: an assumption.
+  c.cfg_drop = 0.1
+  c.sources = ml_collections.ConfigDict({
+      task: pipeline.source_config("") for task in ("understanding", "text", "generation")})
+  return c
 
 
 def training_config(model: ml_collections.ConfigDict, stages: ml_collections.ConfigDict
@@ -62,8 +63,7 @@ def training_config(model: ml_collections.ConfigDict, stages: ml_collections.Con
   c.stage = 0                       # 0: every stage back to back; k: only stage k
   c.optimizer = ml_collections.ConfigDict(dict(b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0,
                                                clip_norm=1.0))
-  c.data = data_config(image_size=model.vision.image_size,
-                       num_image_tokens=(model.vision.image_size // model.vision.patch_size) ** 2)
+  c.data = data_config(model)
   c.family = "janus_pro"            # chat template: "janus_pro" or "janus"
   c.tokenizer = ""                  # directory with tokenizer.json / *.model ("" = init_from's)
   c.init_from = ""                  # a converted checkpoint (params only) to start stage 1 from

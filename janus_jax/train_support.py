@@ -50,9 +50,9 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh) -> None:
   if len(stage.mixture) != 3 or min(stage.mixture) < 0 or sum(stage.mixture) <= 0:
     raise ValueError(f"config.stages.{name}.mixture = {tuple(stage.mixture)}: need three "
                      "non-negative weights (understanding, text, text-to-image), not all zero")
-  from janus_jax.data import pipeline  # the data package checks datasets and feature keys
+  from janus_jax.data import pipeline
 
-  pipeline.check_sources(config.data, stage.mixture)
+  pipeline.check_sources(config.data, tuple(stage.mixture))
 
 
 # --- tokenizer and starting params --------------------------------------------------------------

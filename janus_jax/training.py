@@ -132,7 +132,7 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: janus_l
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params)
   updates, opt_state = optimizer.update(grads, state.opt_state, train_params)
   train_params = optax.apply_updates(train_params, updates)
-  metrics["grad_norm"] = optax.global_norm(grads)
+  metrics["grad_norm"] = optax.tree.norm(grads)
   metrics["learning_rate"] = schedule(state.step)
   rng, _ = jax.random.split(state.rng)
   return TrainState(state.step + 1, {**state.params, **train_params}, opt_state, rng), metrics

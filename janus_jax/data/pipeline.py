@@ -84,7 +84,7 @@ def source_config(name: str, split: str = "train", data_dir: str | None = None,
                   pretokenized_key: str | None = None) -> ml_collections.ConfigDict:
   """One entry of `data.sources`."""
   return ml_collections.ConfigDict({
-      "name": name, "split": split, "data_dir": data_dir,
+      "name": name, "split": split, "data_dir": data_dir or "",  # "" (not None): a flag can set it
       "features": dict(features) if features is not None else None,
       "pretokenized_key": pretokenized_key})
 
@@ -275,6 +275,32 @@ def _weights(mixture: Sequence[float] | Mapping[str, float]) -> dict[str, float]
 
 # ------------------------------------------------------------------------------ the pipeline
 
+def _open_source(c: Any, task: str, weight: float) -> tuple[Any, Any, dict, str | None]:
+  """(source config, builder, feature keys, pretokenized key) of a task, checked."""
+  sources = _get(c, "sources", {})
+  src = sources.get(task, None) if sources is not None else None
+  if src is None or not _get(src, "name"):
+    raise DatasetError(f"mixture weight {weight} for {task} but data.sources.{task} "
+                       "names no dataset")
+  n_gen, seq_len = int(_get(c, "num_image_tokens_gen", 576)), int(_get(c, "seq_len", 4096))
+  if task == "generation" and 2 + n_gen > seq_len:
+    raise ValueError(f"seq_len {seq_len} cannot hold {n_gen} image tokens plus a prompt")
+  keys, pretokenized = _source_keys(task, src)
+  name = _get(src, "name")
+  builder = open_builder(name, _get(src, "split", "train"), _get(src, "data_dir") or None)
+  check_features(name, list(builder.info.features.keys()),
+                 {**keys, "pretokenized_key": pretokenized}, task)
+  return src, builder, keys, pretokenized
+
+
+def check_sources(data_config: Any, mixture: Sequence[float] | Mapping[str, float]) -> None:
+  """Fails with a DatasetError naming the dataset / split / key unless every source with a
+  positive weight can be read (cheap: opens dataset_info only). Call before compiling."""
+  for task, weight in _weights(mixture).items():
+    if weight > 0:
+      _open_source(data_config, task, weight)
+
+
 def make_dataset(data_config: Any, tokenizer: Tokenizer, family: str, *, seed: int,
                  mixture: Sequence[float] | Mapping[str, float], batch_size: int,
                  image_tokenizer: packing.ImageTokenizer | None = None, shard_index: int = 0,
@@ -303,18 +329,9 @@ def make_dataset(data_config: Any, tokenizer: Tokenizer, family: str, *, seed: i
   for k, task in enumerate(TASKS):
     if weights[task] == 0:
       continue
-    src = sources.get(task, None) if sources is not None else None
-    if src is None or not _get(src, "name"):
-      raise DatasetError(f"mixture weight {weights[task]} for {task} but data.sources.{task} "
-                         "names no dataset")
-    if task == "generation" and 2 + layout.num_image_tokens_gen > layout.seq_len:
-      raise ValueError(f"seq_len {layout.seq_len} cannot hold {layout.num_image_tokens_gen} "
-                       "image tokens plus a prompt")
-    name, split, data_dir = _get(src, "name"), _get(src, "split", "train"), _get(src, "data_dir")
-    keys, pretokenized = _source_keys(task, src)
-    builder = open_builder(name, split, data_dir)
-    check_features(name, list(builder.info.features.keys()),
-                   {**keys, "pretokenized_key": pretokenized}, task)
+    src, builder, keys, pretokenized = _open_source(c, task, weights[task])
+    name, split = _get(src, "name"), _get(src, "split", "train")
+    data_dir = _get(src, "data_dir") or None
     if task == "generation" and not pretokenized and image_tokenizer is None:
       raise ValueError("the generation source needs an image_tokenizer (or pretokenized_key)")
     transform = _task_transform(task, keys, pretokenized, layout, name,
