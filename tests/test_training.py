@@ -1,0 +1,133 @@
+"""The train step and stage mechanics on synthetic batches (the data pipeline has its own tests)."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import train_fixtures
+from janus_jax import sharding, training
+from janus_jax import train_support as support
+from janus_jax.models import janus as janus_lib
+from test_model_shapes import load_config, tiny_params
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(stage_name: str):
+  config = load_config("tiny")
+  # Adam's first steps move every parameter by about lr * sign(g): a gradient that is zero up to
+  # float rounding would flip sign between reduction orders. A larger eps keeps such noise small,
+  # so that comparing sharded and single-device steps tests the step, not rounding signs.
+  config.optimizer.eps = 1e-3
+  model = janus_lib.build(config.model)
+  stage = config.stages[stage_name]
+  trainable = training.check_trainable(stage.trainable)
+  optimizer = training.make_optimizer(stage, config.optimizer)
+  schedule = training.learning_rate_schedule(stage)
+  step = functools.partial(training.train_step, model=model, optimizer=optimizer, schedule=schedule,
+                           trainable=trainable)
+  return config, model, optimizer, trainable, step, jax.jit(step)
+
+
+def _run(stage_name, steps, mesh=None, batches=None):
+  config, model, optimizer, trainable, step, jitted = _setup(stage_name)
+  state = training.init_state(optimizer, tiny_params(), trainable, jax.random.key(0))
+  batches = batches or [train_fixtures.synthetic_batch(config, 8, i) for i in range(steps)]
+  if mesh is None:
+    fn = jitted
+  else:
+    abstract = jax.eval_shape(functools.partial(support.init_state_from_rng, model, optimizer, trainable),
+                              jax.random.key(0))
+    state_sh = sharding.param_shardings(abstract, mesh)
+    batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
+    fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+    state = jax.device_put(state, state_sh)
+  losses = []
+  for batch in batches[:steps]:
+    state, metrics = fn(state, batch)
+    losses.append(float(metrics["loss"]))
+  return state, losses, metrics
+
+
+def test_sharded_step_equals_single_device():
+  single, single_losses, _ = _run("stage3", 2)
+  sharded, sharded_losses, _ = _run("stage3", 2, mesh=sharding.make_mesh((2, 2, 2)))
+  np.testing.assert_allclose(sharded_losses, single_losses, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(sharded.params), jax.tree.leaves(single.params)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+  assert float(jnp.abs(single.params["llm"]["lm_head"]["kernel"] - tiny_params()["llm"]["lm_head"]["kernel"]).max()) > 0
+
+
+def test_loss_falls_on_a_tiny_dataset():
+  config = _setup("stage3")[0]
+  data = [train_fixtures.synthetic_batch(config, 8, i % 2) for i in range(16)]
+  _, losses, metrics = _run("stage3", 16, batches=data)
+  assert losses[-1] < 0.9 * losses[0] and np.mean(losses[-4:]) < np.mean(losses[:4]), losses
+  for task in ("understanding", "text", "generation"):
+    assert float(metrics[f"tokens/{task}"]) > 0 or task == "text"
+    assert np.isfinite(float(metrics[f"loss/{task}"]))
+
+
+@pytest.mark.parametrize("stage_name", ["stage1", "stage2"])
+def test_frozen_parts_are_bit_identical_and_carry_no_optimizer_state(stage_name):
+  trainable = _setup(stage_name)[3]
+  start = tiny_params()
+  state, _, _ = _run(stage_name, 3)
+  for part in training.PARTS:
+    same = all(bool((a == b).all()) for a, b in zip(jax.tree.leaves(start[part]),
+                                                    jax.tree.leaves(state.params[part])))
+    assert same == (part not in trainable), part
+  moments = state.opt_state[1][0].mu  # clip, then adamw's (scale_by_adam state).mu
+  assert set(moments) == set(trainable)
+  assert "generation_tokenizer" not in trainable
+
+
+def test_stage_table_switches_trainable_sets_and_learning_rates():
+  config = load_config("janus_pro_1b")
+  s1, s2, s3 = (config.stages[f"stage{i}"] for i in (1, 2, 3))
+  assert set(s2.trainable) - set(s1.trainable) == {"llm"}
+  assert set(s3.trainable) - set(s2.trainable) == {"understanding_encoder"}
+  assert all("generation_tokenizer" not in s.trainable for s in (s1, s2, s3))
+  assert (s1.learning_rate, s2.learning_rate, s3.learning_rate) == (1e-3, 1e-4, 4e-5)
+  assert (s1.batch_size, s2.batch_size, s3.batch_size) == (256, 512, 128)
+  assert [tuple(s.mixture) for s in (s1, s2, s3)] == [(1, 0, 3), (2, 3, 5), (5, 1, 4)]
+  assert load_config("janus_pro_7b").stages.stage3.steps == 40_000 and s3.steps == 80_000
+  schedule = training.learning_rate_schedule(s1)
+  assert float(schedule(0)) == 0 and float(schedule(300)) == pytest.approx(5e-4)
+  assert float(schedule(600)) == pytest.approx(1e-3) and float(schedule(10_000)) == pytest.approx(1e-3)
+  assert float(training.learning_rate_schedule(s3)(0)) == pytest.approx(4e-5)
+
+
+def test_bad_stage_configs_fail_before_compiling():
+  config = load_config("tiny")
+  with pytest.raises(ValueError, match="unknown stage"):
+    config.stage = 7
+    support.stages_to_run(config)
+  with pytest.raises(ValueError, match="needs 3 devices, but 8"):
+    sharding.make_mesh((3, 1, 1))
+  mesh = sharding.make_mesh((4, 2, 1))
+  config.stages.stage1.batch_size = 12
+  with pytest.raises(ValueError, match="batch_size = 12 is not divisible by the 8 data shards"):
+    support.check_stage(config, "stage1", mesh)
+  config.stages.stage1.batch_size = 8
+  config.stages.stage1.trainable = ("llm", "generation_tokenizer")
+  with pytest.raises(ValueError, match="frozen in every stage"):
+    support.check_stage(config, "stage1", mesh)
+  config.stages.stage1.trainable = ("llm", "vision_tower")
+  with pytest.raises(ValueError, match="unknown trainable parts"):
+    support.check_stage(config, "stage1", mesh)
+
+
+def test_analytic_flops_are_close_to_the_compiled_count():
+  config, model, optimizer, trainable, _, jitted = _setup("stage3")
+  state = training.init_state(optimizer, tiny_params(), trainable, jax.random.key(0))
+  batch = train_fixtures.synthetic_batch(config, 8, 0)
+  compiled = jitted.lower(state, batch).compile()
+  xla = compiled.cost_analysis()
+  xla = (xla[0] if isinstance(xla, list) else xla)["flops"]
+  analytic = training.flops_per_step(config, 8, trainable)
+  assert 0.5 < analytic / xla < 2.0, (analytic, xla)
