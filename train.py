@@ -10,7 +10,6 @@ Reads top to bottom: config -> mesh -> model and tokenizer -> for each stage: da
 from __future__ import annotations
 
 import functools
-import logging
 import os
 import sys
 import time
@@ -18,6 +17,7 @@ import time
 import flax.linen as nn
 import jax
 from absl import app, flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from janus_jax import checkpointing, pretrained, sharding, training
@@ -35,7 +35,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   config = _CONFIG.value
-  logging.getLogger().setLevel(logging.INFO)
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
 
   # --- config checks and mesh (before anything compiles) -------------------------------------
   if config.distributed:
@@ -85,7 +85,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params):
     print(f"resuming {name} from step {start}")
   else:
     params = support.initial_params(config, model, name, carried_params, state_shardings.params, mesh)
-    state = jax.jit(functools.partial(training.init_state, optimizer, trainable=trainable),
+    state = jax.jit(lambda p, rng: training.init_state(optimizer, p, trainable, rng),
                     out_shardings=state_shardings)(params, jax.random.key(config.seed))
     start, data_state = 0, None
   if start >= stage.steps:

@@ -121,7 +121,8 @@ def export_stage(config, name: str, model, params) -> str:
 
 def make_vq_encoder(model: janus_lib.Janus, params: Any):
   """pixels [n, H, W, 3] in [-1, 1] -> VQ ids [n, h*w], jitted, with the frozen VQ params."""
-  vq_params = {"generation_tokenizer": params["generation_tokenizer"]}
+  # A copy: the train state (and so its VQ buffers) is donated to every step.
+  vq_params = {"generation_tokenizer": jax.tree.map(jnp.copy, params["generation_tokenizer"])}
   encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=janus_lib.Janus.vq_encode))
   return lambda pixels: np.asarray(encode(vq_params, jnp.asarray(pixels, jnp.float32)))
 
