@@ -51,8 +51,9 @@ def main(argv) -> None:
     f.write(config.to_json_best_effort(indent=2))
 
   params = None  # carried from one stage to the next
+  preemption = checkpointing.PreemptionFlag()  # SIGTERM: save at the next step, then stop
   for name in stages:
-    params = run_stage(config, name, mesh, model, tokenizer, params)
+    params = run_stage(config, name, mesh, model, tokenizer, params, preemption)
     if params is None:  # stopped early (preemption or --stop_after)
       return
     print(f"{name} done: {support.export_stage(config, name, model, params)}")
@@ -62,7 +63,7 @@ def main(argv) -> None:
   print(f"final model (sample.py --checkpoint): {final}")
 
 
-def run_stage(config, name, mesh, model, tokenizer, carried_params):
+def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   stage = config.stages[name]
   trainable = training.check_trainable(stage.trainable)
   workdir = os.path.join(config.workdir, name)
@@ -115,7 +116,6 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params):
   # --- the loop --------------------------------------------------------------------------------
   logger = support.MetricsLogger(workdir, name, total=stage.steps, start=start,
                                  log_every=config.log_every)
-  preemption = checkpointing.PreemptionFlag()
   stop_at = min(stage.steps, start + _MAX_STEPS.value) if _MAX_STEPS.value else stage.steps
   pending, step, tick = None, start, time.perf_counter()
   try:
@@ -137,7 +137,6 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params):
   finally:
     manager.close()
     logger.close()
-    preemption.restore_handlers()
   if step < stage.steps:
     print(f"stopped {name} at step {step} with a checkpoint; run again to resume")
     return None

@@ -218,7 +218,7 @@ class MetricsLogger:
       os.makedirs(workdir, exist_ok=True)
       self._bar = tqdm(total=total, initial=start, desc=name, dynamic_ncols=True, mininterval=1.0)
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)  # line-buffered
 
   def log(self, step: int, metrics: dict[str, jax.Array], seconds: float, flops: float, peak: float):
     values = {k: float(v) for k, v in jax.device_get(metrics).items()}
