@@ -38,8 +38,11 @@ def main(argv) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
 
   # --- config checks and mesh (before anything compiles) -------------------------------------
-  if config.distributed:
-    jax.distributed.initialize()
+  if config.distributed:  # one process per host; each host reads only its shard of the data
+    jax.distributed.initialize(config.coordinator_address or None, config.num_processes or None,
+                               config.process_id if config.process_id >= 0 else None)
+  if config.compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", config.compilation_cache_dir)
   stages = support.stages_to_run(config)
   mesh = sharding.make_mesh(config.mesh)
   for name in stages:

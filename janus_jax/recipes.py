@@ -76,4 +76,8 @@ def training_config(model: ml_collections.ConfigDict, stages: ml_collections.Con
   c.async_checkpoints = True
   c.peak_flops_per_device = 0.0     # 0: look up the device kind (or measure, on CPU)
   c.distributed = False             # call jax.distributed.initialize() (multi-host)
+  c.coordinator_address = ""        # "" = auto-detect (TPU pods, SLURM, Open MPI, ...)
+  c.num_processes = 0
+  c.process_id = -1
+  c.compilation_cache_dir = ""      # a persistent XLA compilation cache ("" = off)
   return c
