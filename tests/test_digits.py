@@ -1,0 +1,175 @@
+"""The offline digits demo's pieces: data + tokenizer (digits.prepare), stage-0 VQ training, and
+the evaluation on a random tiny model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from janus_jax import eval_digits, processing, vq_training
+from janus_jax.data import digits, pipeline
+from janus_jax.models import janus as janus_lib
+from janus_jax.models import presets
+from janus_jax.pretrained import write_converted
+from janus_jax.tokenizer import SP_SPECIALS, Tokenizer
+
+LIMIT = 40  # examples per split
+# The smallest VQ the module builds (GroupNorm needs 32 channels): 32 px -> 16 x 16 tokens.
+TINY_VQ = dict(codebook_size=32, codebook_dim=8, z_channels=32, base_channels=32,
+               channel_multipliers=(1, 2), num_res_blocks=1, grid_size=16)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+  root = tmp_path_factory.mktemp("digits")
+  data, tok = str(root / "data"), str(root / "tok")
+  digits.prepare(data, tok, limit=LIMIT)
+  return data, tok
+
+
+def test_mnist5k_split_is_stratified_and_deterministic():
+  images, labels = digits.load_mnist5k()
+  assert images.shape == (5000, 28, 28) and images.dtype == np.uint8
+  assert np.bincount(labels).tolist() == [500] * 10
+  train, test = digits.split_indices(labels, seed=0)
+  assert len(train) == 4500 and len(test) == 500 and not set(train) & set(test)
+  assert np.bincount(labels[test]).tolist() == [50] * 10
+  again = digits.split_indices(labels, seed=0)
+  assert np.array_equal(train, again[0]) and np.array_equal(test, again[1])
+  assert not np.array_equal(test, digits.split_indices(labels, seed=1)[1])
+  padded, _ = digits.load_split("test")
+  assert padded.shape == (500, 32, 32)
+  assert np.array_equal(padded[:, 2:30, 2:30], images[test]) and padded[:, :2].max() == 0
+
+
+def test_prepare_builds_readable_datasets(built):
+  data, _ = built
+  _, test_idx = digits.split_indices(digits.load_mnist5k()[1], seed=0)
+  want_test_images, want_test_labels = digits.load_split("test")
+  for split in ("train", "test"):
+    caps = tfds.data_source(digits.CAPTIONS, split=split, data_dir=data)
+    chat = tfds.data_source(digits.CHAT, split=split, data_dir=data)
+    assert len(caps) == len(chat) == LIMIT
+    for i in range(0, LIMIT, 7):
+      ex = caps[i]
+      name, label = digits.NAMES[ex["label"]], ex["label"]
+      assert ex["image"].shape == (32, 32, 1) and ex["image"].dtype == np.uint8
+      text = ex["caption"].decode()
+      assert name in text or str(label) in text, text
+      c = chat[i]
+      assert [r.decode() for r in c["messages"]["role"]] == ["user", "assistant"]
+      question, answer = (m.decode() for m in c["messages"]["content"])
+      assert question.startswith(processing.IMAGE_TAG + "\n") and answer == digits.NAMES[c["label"]]
+      assert len(c["images"]) == 1 and np.asarray(c["images"][0]).shape == (32, 32, 1)
+      if split == "test":  # the stored split is the one load_split (and the eval) reads
+        assert np.array_equal(ex["image"][..., 0], want_test_images[i])
+        assert label == want_test_labels[i]
+  text = tfds.data_source(digits.TEXT, split="train", data_dir=data)
+  assert 0 < len(text) <= LIMIT and text[0]["text"].decode() in digits.sentences()
+  # Idempotent: a second call keeps what is there; other arguments are refused.
+  stamp = os.path.getmtime(os.path.join(data, digits.CAPTIONS))
+  digits.prepare(data, built[1], limit=LIMIT)
+  assert os.path.getmtime(os.path.join(data, digits.CAPTIONS)) == stamp
+  with pytest.raises(ValueError, match="built with"):
+    digits.prepare(data, built[1], limit=LIMIT, seed=3)
+
+
+def test_tokenizer_round_trips_the_demo_strings(built):
+  tok = Tokenizer.from_dir(built[1])
+  assert tok.vocab_size == digits.VOCAB_SIZE
+  for special in SP_SPECIALS:
+    assert tok.encode(special, add_bos=False) == [tok.token_to_id(special)]
+  assert len({tok.bos_id, tok.eos_id, tok.pad_id, tok.image_placeholder_id,
+              tok.begin_of_image_id, tok.end_of_image_id}) == 6
+  unk = tok.token_to_id("<unk>")
+  strings = digits.corpus() + [processing.understanding_prompt(q, "janus_pro")
+                               for q in digits.QUESTIONS]
+  for s in set(strings):
+    ids = tok.encode(s, add_bos=False)
+    assert unk not in ids and tok.decode(ids, skip_special_tokens=False) == s, s
+  # The demo's words are whole pieces, not byte fallbacks.
+  assert len(tok.encode("a handwritten digit seven", add_bos=False)) <= 4
+
+
+def test_pipeline_reads_the_built_datasets(built):
+  data, tok_dir = built
+  tok = Tokenizer.from_dir(tok_dir)
+  c = pipeline.default_config()
+  c.update(dict(seq_len=96, image_size=32, gen_image_size=32, num_image_tokens_und=16,
+                num_image_tokens_gen=16, max_images_per_row=2, read_threads=0, prefetch=0))
+  c.sources.understanding = pipeline.source_config(digits.CHAT, data_dir=data,
+                                                   features=digits.CHAT_FEATURES)
+  c.sources.text = pipeline.source_config(digits.TEXT, data_dir=data, features=digits.TEXT_FEATURES)
+  c.sources.generation = pipeline.source_config(digits.CAPTIONS, data_dir=data,
+                                                features=digits.CAPTION_FEATURES)
+  pipeline.check_sources(c, (1, 1, 1))
+  it = pipeline.make_pipeline(c, tok, "janus_pro", seed=0, mixture=(1, 1, 1), batch_size=4,
+                              image_tokenizer=lambda x: np.full((len(x), 16), 7, np.int32))
+  batches = [next(it) for _ in range(3)]
+  assert batches[0]["input_ids"].shape == (4, 96)
+  assert batches[0]["pixels"].shape == (4, 2, 32, 32, 3)
+  tasks = set(np.concatenate([b["task"][b["segment_ids"] > 0] for b in batches]).tolist())
+  assert tasks == {0, 1, 2}
+  und = next(b for b in batches if b["image_valid"].any())
+  pix = und["pixels"][und["image_valid"]]
+  assert pix.min() == -1.0 and pix.max() > 0.9  # black background, white strokes
+
+
+def test_train_vq_improves_and_saves(tmp_path):
+  cfg = presets.vq(**TINY_VQ)
+  train, _ = digits.load_split("train")
+  test, _ = digits.load_split("test")
+  out = str(tmp_path / "vq")
+  metrics = vq_training.train_vq(cfg, train[:256], test[:100], steps=12, batch_size=8,
+                                 learning_rate=3e-3, seed=0, out_dir=out, log_every=4,
+                                 reinit_every=4)
+  log = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+  assert [line["step"] for line in log] == [4, 8, 12]
+  assert log[-1]["loss/l2"] < log[0]["loss/l2"]
+  assert metrics["psnr"] > metrics["psnr_before"]
+  assert 0 < metrics["codebook_usage"] <= 1
+  assert json.load(open(os.path.join(out, "metrics.json")))["psnr"] == metrics["psnr"]
+  params = vq_training.load_vq(out)
+  model = vq_training.vq_model(vq_training.load_vq_config(out))
+  init = vq_training.init_vq_params(model, 32, 0)
+  assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, init)
+  again = vq_training.evaluate(model, params, test[:100])
+  assert again["psnr"] == pytest.approx(metrics["psnr"], abs=1e-4)
+
+
+def test_eval_on_a_random_tiny_model(built, tmp_path):
+  _, tok_dir = built
+  cfg = presets.janus(
+      presets.llm(64, 2, 4, 128, num_kv_heads=2, vocab_size=digits.VOCAB_SIZE,
+                  max_position_embeddings=512),
+      presets.vision(image_size=32, patch_size=8, width=32, depth=1, num_heads=4, mlp_dim=64),
+      presets.vq(**TINY_VQ), aligner_depth=1, generation_aligner_depth=1)
+  params = janus_lib.init_params_host(janus_lib.build(cfg), 0)
+  ckpt = str(tmp_path / "model")
+  write_converted(ckpt, params, cfg, "janus_pro", tok_dir, overwrite=False)
+  run = tmp_path / "run"
+  for stage in ("stage1", "stage2"):
+    (run / stage).mkdir(parents=True)
+    (run / stage / "metrics.jsonl").write_text("".join(
+        json.dumps({"stage": stage, "step": s, "loss": 3.0 / s, "loss/text": 2.0 / s,
+                    "loss/generation": 4.0 / s}) + "\n" for s in range(1, 5)))
+  out = tmp_path / "eval"
+  results = eval_digits.evaluate(ckpt, out_dir=str(out), run_dir=str(run), cfg_weights=(1.0, 3.0),
+                                 images_per_digit=2, und_batch=10, und_limit=20)
+  assert results["classifier"]["test_accuracy"] >= 0.95  # on the 500 real held-out digits
+  und = results["understanding"]
+  assert und["count"] == 20 and 0 <= und["accuracy"] <= 1 and len(und["per_digit"]) == 10
+  assert set(results["generation"]["cfg"]) == {"1.0", "3.0"}
+  for r in results["generation"]["cfg"].values():
+    assert 0 <= r["accuracy"] <= 1 and len(r["per_digit"]) == 10
+  assert sorted(results["files"]) == ["losses.png", "samples_cfg1.png", "samples_cfg3.png"]
+  for name in results["files"]:
+    assert (out / name).stat().st_size > 0
+  assert json.loads((out / "results.json").read_text())["files"] == results["files"]
+  table = eval_digits.markdown_table(results)
+  assert table.count("\n| generation, CFG") == 2 and "understanding" in table
