@@ -46,8 +46,9 @@ def main(argv) -> None:
   stages = support.stages_to_run(config)
   mesh = sharding.make_mesh(config.mesh)
   for name in stages:
-    support.check_stage(config, name, mesh)
+    support.check_stage(config, name, mesh, data_ready=not config.get("prepare", None))
   model = janus_lib.build(config.model)
+  support.prepare(config)  # built-in demos: data, tokenizer, stage 0
   tokenizer = support.load_tokenizer(config)
   os.makedirs(config.workdir, exist_ok=True)
   with open(os.path.join(config.workdir, "config.json"), "w") as f:

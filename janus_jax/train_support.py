@@ -34,8 +34,9 @@ def stages_to_run(config: ml_collections.ConfigDict) -> list[str]:
   return [name]
 
 
-def check_stage(config: ml_collections.ConfigDict, name: str, mesh) -> None:
-  """Everything about a stage that can be wrong, checked before anything compiles."""
+def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: bool = True) -> None:
+  """Everything about a stage that can be wrong, checked before anything compiles (the datasets
+  too, unless a preparation step builds them first: then make_data checks them)."""
   stage = config.stages[name]
   training.check_trainable(stage.trainable)
   if stage.steps < 0 or stage.batch_size <= 0:
@@ -50,9 +51,39 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh) -> None:
   if len(stage.mixture) != 3 or min(stage.mixture) < 0 or sum(stage.mixture) <= 0:
     raise ValueError(f"config.stages.{name}.mixture = {tuple(stage.mixture)}: need three "
                      "non-negative weights (understanding, text, text-to-image), not all zero")
-  from janus_jax.data import pipeline
+  if data_ready:
+    from janus_jax.data import pipeline
 
-  pipeline.check_sources(config.data, tuple(stage.mixture))
+    pipeline.check_sources(config.data, tuple(stage.mixture))
+
+
+# --- preparation (built-in demos) ---------------------------------------------------------------
+
+
+def prepare(config: ml_collections.ConfigDict) -> None:
+  """config.prepare.kind = "digits": build the digits datasets and tokenizer if missing, then
+  train stage 0 (the VQ tokenizer) into config.init_vq_from if it is not there yet."""
+  spec = config.get("prepare", None)
+  if not spec:
+    return
+  if spec.kind != "digits":
+    raise ValueError(f"config.prepare.kind = {spec.kind!r}: the only built-in preparation is 'digits'")
+  from janus_jax import vq_training
+  from janus_jax.data import digits
+
+  t0 = time.perf_counter()
+  digits.prepare(spec.data_dir, config.tokenizer, image_size=spec.image_size, seed=spec.seed)
+  print(f"digits data and tokenizer ready in {time.perf_counter() - t0:.1f} s")
+  if os.path.isdir(os.path.join(config.init_vq_from, vq_training.PARAMS_DIR)):
+    return
+  print(f"=== stage0: VQ tokenizer, {spec.vq_steps} steps")
+  train_x, _ = digits.load_split("train", spec.image_size, spec.seed)
+  test_x, _ = digits.load_split("test", spec.image_size, spec.seed)
+  metrics = vq_training.train_vq(config.model.vq, train_x, test_x, steps=spec.vq_steps,
+                                 batch_size=spec.vq_batch_size, learning_rate=spec.vq_learning_rate,
+                                 seed=spec.seed, out_dir=config.init_vq_from)
+  print(f"stage0 done in {metrics['total_seconds']:.0f} s: held-out PSNR {metrics['psnr']:.1f} dB, "
+        f"codebook usage {metrics['codebook_usage']:.0%}")
 
 
 # --- tokenizer and starting params --------------------------------------------------------------
@@ -104,9 +135,16 @@ def initial_params(config, model, name: str, carried: Any, param_shardings: Any,
     return pretrained.restore_params(source, model, mesh)
   print(f"{name} starts from random parameters (seed {config.seed})")
   if training.count_params(janus_lib.abstract_params(model)) < HOST_INIT_MAX_PARAMS:
-    return jax.device_put(janus_lib.init_params_host(model, config.seed), param_shardings)
-  init = jax.jit(lambda rng: nn.unbox(janus_lib.init_params(model, rng)), out_shardings=param_shardings)
-  return init(jax.random.key(config.seed))
+    params = janus_lib.init_params_host(model, config.seed)
+  else:
+    init = jax.jit(lambda rng: nn.unbox(janus_lib.init_params(model, rng)), out_shardings=param_shardings)
+    params = init(jax.random.key(config.seed))
+  if config.get("init_vq_from", ""):  # a separately trained VQ (stage 0) replaces the random one
+    from janus_jax import vq_training
+
+    print(f"{name}: generation tokenizer from {config.init_vq_from}")
+    params = {**params, "generation_tokenizer": vq_training.load_vq(config.init_vq_from)}
+  return jax.device_put(params, param_shardings)
 
 
 def export_stage(config, name: str, model, params) -> str:

