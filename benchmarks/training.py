@@ -89,6 +89,11 @@ from janus_jax.models import janus as janus_lib
 import importlib.util
 spec = importlib.util.spec_from_file_location("cfg", {config!r}); cfg = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cfg); config = cfg.get_config()
+for item in filter(None, {overrides!r}.split(",")):
+  key, value = item.split("=")
+  *path, leaf = key.split("."); node = config
+  for p in path: node = node[p]
+  node[leaf] = type(node[leaf])(value) if not isinstance(node[leaf], str) else value
 n = jax.device_count(); fsdp = min(n, 16); mesh = sharding.make_mesh((n // fsdp, fsdp, 1))
 stage = config.stages.stage2
 model = janus_lib.build(config.model)
@@ -115,14 +120,14 @@ print("RESULT " + json.dumps(dict(devices=n, mesh=dict(mesh.shape), batch=stage.
 """
 
 
-def aot_compile_7b(devices: list[int], limit_s: int) -> dict:
+def aot_compile_7b(devices: list[int], limit_s: int, overrides: str = "") -> dict:
   config = os.path.join(REPO, "configs", "janus_pro_7b.py")
   for n in devices:
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n}",
            "JAX_PLATFORMS": "cpu"}
     t0 = time.perf_counter()
     try:
-      proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT.format(repo=REPO, config=config)],
+      proc = subprocess.run([sys.executable, "-c", AOT_SCRIPT.format(repo=REPO, config=config, overrides=overrides)],
                             env=env, capture_output=True, text=True, timeout=limit_s)
     except subprocess.TimeoutExpired:
       print(f"N={n}: no compile within {limit_s} s", flush=True)
@@ -138,11 +143,14 @@ def aot_compile_7b(devices: list[int], limit_s: int) -> dict:
 def main() -> None:
   parser = argparse.ArgumentParser()
   parser.add_argument("--skip_aot", action="store_true")
+  parser.add_argument("--skip_mfu", action="store_true")
   parser.add_argument("--aot_devices", default="256,128,64,32")
   parser.add_argument("--aot_limit_s", type=int, default=600)
+  parser.add_argument("--aot_overrides", default="",
+                      help="comma-separated config overrides, e.g. model.remat_policy=dots")
   parser.add_argument("--out", default="")
   args = parser.parse_args()
-  results = {"mfu": measure_mfu()}
+  results = {"mfu": measure_mfu()} if not args.skip_mfu else {"mfu": {}}
   print("| stage | step s | compile s | GFLOP/step | achieved GFLOP/s | matmul GFLOP/s | MFU vs matmul |")
   print("| --- | --- | --- | --- | --- | --- | --- |")
   for name, r in results["mfu"].items():
@@ -150,7 +158,7 @@ def main() -> None:
           f"{r['achieved_gflops']:.1f} | {r['matmul_gflops']:.1f} | {r['mfu_vs_matmul']:.1%} |")
   if not args.skip_aot:
     results["aot_7b_stage2"] = r = aot_compile_7b([int(x) for x in args.aot_devices.split(",")],
-                                                   args.aot_limit_s)
+                                                   args.aot_limit_s, args.aot_overrides)
     if r:
       print(f"\nJanus-Pro-7B stage 2, {r['devices']} fake devices, mesh {r['mesh']}, batch {r['batch']} x "
             f"{r['seq_len']}: compiled in {r['compile_seconds']:.0f} s; per device "
