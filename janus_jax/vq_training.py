@@ -1,7 +1,7 @@
 """Stage 0: train the generation tokenizer (`models.vq.VQModel`) on small images.
 
-    metrics = train_vq(presets.vq(...), train_u8, test_u8, steps=600, batch_size=32,
-                       learning_rate=2e-3, seed=0, out_dir="runs/digits/vq")
+    metrics = train_vq(presets.vq(**digits.VQ), train_u8, test_u8, steps=250, batch_size=16,
+                       learning_rate=3e-3, seed=0, out_dir="runs/digits/vq")
     vq_params = load_vq("runs/digits/vq")   # -> params["generation_tokenizer"] of a Janus
 
 Losses (as LlamaGen, on the L2-normalised latents and codes the model quantises with):
@@ -41,19 +41,27 @@ def vq_model(vq_config: ml_collections.ConfigDict) -> vq_lib.VQModel:
   return vq_lib.VQModel(ml_collections.FrozenConfigDict(vq_config))
 
 
-def to_pixels(images_u8: np.ndarray) -> np.ndarray:
-  """uint8 [N, H, W] / [N, H, W, 1] / [N, H, W, 3] -> float32 [N, H, W, 3] in [-1, 1]
-  (grayscale replicated to 3 channels)."""
+def as_channels(images_u8: np.ndarray) -> np.ndarray:
+  """uint8 [N, H, W] / [N, H, W, 1] / [N, H, W, 3] -> uint8 [N, H, W, C], C = 1 (grayscale) or 3."""
   x = np.asarray(images_u8)
   if x.dtype != np.uint8:
     raise TypeError(f"images must be uint8, got {x.dtype}")
   if x.ndim == 3:
     x = x[..., None]
-  if x.ndim != 4 or x.shape[-1] not in (1, 3):
-    raise ValueError(f"images must be [N, H, W], [N, H, W, 1] or [N, H, W, 3], got {x.shape}")
-  if x.shape[-1] == 1:
-    x = np.repeat(x, 3, axis=-1)
-  return x.astype(np.float32) / 127.5 - 1.0
+  if x.ndim != 4 or x.shape[-1] not in (1, 3) or x.shape[1] != x.shape[2]:
+    raise ValueError(f"images must be square [N, H, W], [N, H, W, 1] or [N, H, W, 3], got {x.shape}")
+  return x
+
+
+def to_pixels(images_u8: np.ndarray) -> np.ndarray:
+  """uint8 images -> float32 [N, H, W, C] in [-1, 1] (C as `as_channels`)."""
+  return as_channels(images_u8).astype(np.float32) / 127.5 - 1.0
+
+
+def _rgb(x_BxHxWxC: jax.Array) -> jax.Array:
+  """The model reads RGB: grayscale is replicated to 3 channels (inside jit, so the host keeps
+  and ships one channel)."""
+  return jnp.repeat(x_BxHxWxC, 3, axis=-1) if x_BxHxWxC.shape[-1] == 1 else x_BxHxWxC
 
 
 def init_vq_params(model: vq_lib.VQModel, image_size: int, seed: int) -> Any:
@@ -102,11 +110,11 @@ def _losses(model: vq_lib.VQModel, params: Any, x_BxHxWx3: jax.Array, beta: floa
 @functools.partial(jax.jit, static_argnames=("model", "tx", "beta", "l1_weight", "reinit_every",
                                              "dead_fraction", "ema_decay"),
                    donate_argnames=("state",))
-def _train_step(state: dict[str, Any], x_BxHxWx1: jax.Array, rng: jax.Array, *, model, tx,
+def _train_step(state: dict[str, Any], x_BxHxWxC: jax.Array, rng: jax.Array, *, model, tx,
                 beta: float, l1_weight: float, reinit_every: int, dead_fraction: float,
                 ema_decay: float) -> tuple[dict[str, Any], dict[str, jax.Array]]:
   """One adam step, then (every reinit_every steps) dead codes <- random latents of the batch."""
-  x = jnp.repeat(x_BxHxWx1, 3, axis=-1)
+  x = _rgb(x_BxHxWxC)
   grads, (metrics, z_Nxe, ids_N) = jax.grad(_losses, argnums=1, has_aux=True)(
       model, state["params"], x, beta, l1_weight)
   updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
@@ -128,23 +136,24 @@ def _train_step(state: dict[str, Any], x_BxHxWx1: jax.Array, rng: jax.Array, *, 
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
-def _reconstruct(params: Any, x_BxHxWx1: jax.Array, *, model) -> tuple[jax.Array, jax.Array]:
-  """(ids [B, h*w], uint8 grayscale reconstructions [B, H, W]) for evaluation."""
+def _reconstruct(params: Any, x_BxHxWxC: jax.Array, *, model) -> tuple[jax.Array, jax.Array]:
+  """(ids [B, h*w], uint8 reconstructions [B, H, W, C]; C = 1: the mean of the 3 channels)."""
   def run(m: vq_lib.VQModel):
-    ids, codes = m.quantize(m.encode_latents(jnp.repeat(x_BxHxWx1, 3, axis=-1)))
-    return ids, m.codes_to_pixels(codes)
+    ids, codes = m.quantize(m.encode_latents(_rgb(x_BxHxWxC)))
+    return ids, m.codes_to_pixels(codes).astype(jnp.float32)
   ids, pixels = model.apply({"params": params}, method=run)
-  gray = jnp.mean(pixels.astype(jnp.float32), axis=-1)
-  return ids, jnp.clip(jnp.round((gray + 1) * 127.5), 0, 255).astype(jnp.uint8)
+  if x_BxHxWxC.shape[-1] == 1:
+    pixels = jnp.mean(pixels, axis=-1, keepdims=True)
+  return ids, jnp.clip(jnp.round((pixels + 1) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def reconstruct(model: vq_lib.VQModel, params: Any, images_u8: np.ndarray,
                 batch_size: int = 100) -> tuple[np.ndarray, np.ndarray]:
-  """(ids [N, h*w], uint8 [N, H, W] reconstructions), in fixed-size (padded) batches."""
-  x = to_pixels(images_u8)[..., :1]
+  """(ids [N, h*w], uint8 reconstructions [N, H, W, C]) in fixed-size (padded) batches, so one
+  compilation serves any N."""
+  x = to_pixels(images_u8)
   n = len(x)
-  pad = -n % batch_size
-  x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
+  x = np.concatenate([x, np.zeros((-n % batch_size, *x.shape[1:]), x.dtype)])
   ids, recon = [], []
   for i in range(0, len(x), batch_size):
     b_ids, b_recon = _reconstruct(params, jnp.asarray(x[i:i + batch_size]), model=model)
@@ -161,13 +170,11 @@ def psnr(original_u8: np.ndarray, recon_u8: np.ndarray) -> float:
 
 def evaluate(model: vq_lib.VQModel, params: Any, images_u8: np.ndarray,
              batch_size: int = 100) -> dict[str, float]:
-  """Held-out reconstruction PSNR (grayscale, dB) and codebook usage (fraction of codes used)."""
-  gray = to_pixels(images_u8)[..., 0]
-  gray_u8 = np.clip(np.round((gray + 1) * 127.5), 0, 255).astype(np.uint8)
+  """Held-out reconstruction PSNR (dB, over the whole padded image; grayscale inputs are scored
+  against the mean of the 3 output channels) and codebook usage (fraction of codes used)."""
   ids, recon = reconstruct(model, params, images_u8, batch_size)
-  return {"psnr": psnr(gray_u8, recon),
-          "codebook_usage": float(len(np.unique(ids)) / model.config.codebook_size),
-          "l2": float(np.mean(np.square(recon / 127.5 - 1 - gray)))}
+  return {"psnr": psnr(as_channels(images_u8), recon),
+          "codebook_usage": float(len(np.unique(ids)) / model.config.codebook_size)}
 
 
 def train_vq(vq_config: ml_collections.ConfigDict, images_train: np.ndarray,
@@ -183,14 +190,8 @@ def train_vq(vq_config: ml_collections.ConfigDict, images_train: np.ndarray,
   spent (train_seconds counts the compile), steps, and the test psnr before training.
   """
   t0 = time.time()
-  x_train = to_pixels(images_train)
-  x_test_u8 = np.asarray(images_test)
-  if x_train.shape[1] != x_train.shape[2]:
-    raise ValueError(f"images must be square, got {x_train.shape[1:3]}")
-  grayscale = bool(np.all(x_train[..., :1] == x_train))
-  if not grayscale:
-    raise ValueError("train_vq trains on grayscale images (equal channels); got colour images")
-  x_train = x_train[..., :1]  # replicated to 3 channels inside the step
+  x_train = to_pixels(images_train)  # [N, H, W, C]: grayscale stays 1 channel on the host
+  x_test_u8 = as_channels(images_test)
   model = vq_model(vq_config)
   params = jax.tree.map(jnp.asarray, init_vq_params(model, x_train.shape[1], seed))
   tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1),
