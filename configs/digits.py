@@ -22,17 +22,16 @@ WORKDIR = "runs/digits"
 
 def get_config(arg=None):
   del arg
-  vq = presets.vq(codebook_size=256, codebook_dim=8, z_channels=32, base_channels=32,
-                  channel_multipliers=(1, 2, 2, 4), num_res_blocks=1, grid_size=4)
+  vq = presets.vq(**digits.VQ)  # 256 codes, an 8 x 8 token grid for 32 px digits
   model = presets.janus(
       presets.llm(192, 4, 6, 512, vocab_size=digits.VOCAB_SIZE, max_position_embeddings=256),
       presets.vision(image_size=32, patch_size=8, width=96, depth=2, num_heads=4, mlp_dim=384),
       vq)
   s = recipes.stage
   stages = ml_collections.ConfigDict(dict(
-      stage1=s(recipes.STAGE1_PARTS, 2e-3, 20, 150, 32, (1, 0, 3)),
-      stage2=s(recipes.STAGE2_PARTS, 2e-3, 100, 1500, 32, (2, 1, 3)),
-      stage3=s(recipes.STAGE3_PARTS, 1e-3, 0, 600, 32, (2, 1, 2))))
+      stage1=s(recipes.STAGE1_PARTS, 2e-3, 20, 100, 16, (1, 0, 3)),
+      stage2=s(recipes.STAGE2_PARTS, 2e-3, 100, 1200, 16, (2, 1, 3)),
+      stage3=s(recipes.STAGE3_PARTS, 1e-3, 0, 500, 16, (2, 1, 2))))
   c = recipes.training_config(model, stages)
   c.model.dtype = "float32"      # bfloat16 is slow on CPUs without native support
   c.model.remat_policy = "none"
@@ -45,8 +44,8 @@ def get_config(arg=None):
 
   # The data: built on first use by `prepare` (below) into tfds array_record datasets.
   data_dir = f"{WORKDIR}/data"
-  c.data.update(dict(seq_len=96, max_images_per_row=2, image_size=32, gen_image_size=32,
-                     num_image_tokens_und=16, num_image_tokens_gen=16, system_prompt="",
+  c.data.update(dict(seq_len=128, max_images_per_row=2, image_size=32, gen_image_size=32,
+                     num_image_tokens_und=16, num_image_tokens_gen=64, system_prompt="",
                      cfg_drop=0.1, vq_batch=64, read_threads=0, prefetch=2))
   c.data.sources.understanding = pipeline.source_config(
       digits.CHAT, data_dir=data_dir, features=digits.CHAT_FEATURES)
@@ -59,6 +58,7 @@ def get_config(arg=None):
   # generation tokenizer of the random initial model (config.init_vq_from).
   c.prepare = ml_collections.ConfigDict(dict(
       kind="digits", data_dir=data_dir, image_size=32, seed=0,
-      vq_steps=1500, vq_batch_size=64, vq_learning_rate=2e-3))
+      vq_steps=digits.VQ_TRAINING["steps"], vq_batch_size=digits.VQ_TRAINING["batch_size"],
+      vq_learning_rate=digits.VQ_TRAINING["learning_rate"]))
   c.init_vq_from = f"{WORKDIR}/vq"
   return c

@@ -32,7 +32,7 @@ def param_with_axes(init, axes: tuple[str | None, ...]):
 class KVCache:
   """Preallocated keys and values for every layer, written at `index`.
 
-  k, v: [layers, batch, slots, kv_heads, head_dim]. index: int32 scalar, the first free slot; all
+  k, v: [layers, batch, kv_heads, slots, head_dim]. index: int32 scalar, the first free slot; all
   rows share it (prompts are left-padded, so slot order is time order in every row).
   """
 
@@ -43,12 +43,12 @@ class KVCache:
   @classmethod
   def zeros(cls, num_layers: int, batch: int, slots: int, num_kv_heads: int, head_dim: int,
             dtype: Dtype = jnp.float32) -> "KVCache":
-    shape = (num_layers, batch, slots, num_kv_heads, head_dim)
+    shape = (num_layers, batch, num_kv_heads, slots, head_dim)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((), jnp.int32))
 
   @property
   def slots(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[3]
 
 
 class RMSNorm(nn.Module):
@@ -97,23 +97,29 @@ class Attention(nn.Module):
     q_BxTxNxH = rotary_embedding(q_BxTxNxH, positions_BxT, self.rope_theta)
     k_BxTxKxH = rotary_embedding(k_BxTxKxH, positions_BxT, self.rope_theta)
 
+    k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
+    v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
     if kv_cache is not None:
-      cache_k, cache_v = kv_cache
-      start = (0, cache_index, 0, 0)
-      cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxTxKxH.astype(cache_k.dtype), start)
-      cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxTxKxH.astype(cache_v.dtype), start)
-      k_BxSxKxH, v_BxSxKxH, new_cache = cache_k, cache_v, (cache_k, cache_v)
+      # The whole stack rides in the layer-scan carry: writing this layer's new slots in place
+      # and slicing the layer out for reading keeps the cache from being copied every layer.
+      cache_k, cache_v, layer = kv_cache
+      start = (layer, 0, 0, cache_index, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxH[None].astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxH[None].astype(cache_v.dtype), start)
+      k_BxKxSxH = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+      v_BxKxSxH = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
+      new_cache = (cache_k, cache_v)
     else:
-      k_BxSxKxH, v_BxSxKxH, new_cache = k_BxTxKxH, v_BxTxKxH, None
+      k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
 
     b, t, _, _ = q_BxTxNxH.shape
     groups = self.num_heads // self.num_kv_heads
     q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-    logits = jnp.einsum("btkgh,bskh->bkgts", q_BxTxKxGxH, k_BxSxKxH.astype(self.dtype),
+    logits = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH.astype(self.dtype),
                         preferred_element_type=jnp.float32) * self.head_dim**-0.5
     logits = jnp.where(mask_BxTxS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bskh->btkgh", probs, v_BxSxKxH.astype(self.dtype))
+    out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH.astype(self.dtype))
     out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, self.num_heads, self.head_dim)
     out = nn.DenseGeneral(x_BxTxD.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                           param_dtype=self.param_dtype,
@@ -145,8 +151,10 @@ class DecoderLayer(nn.Module):
   param_dtype: Dtype = jnp.float32
 
   @nn.compact
-  def __call__(self, x_BxTxD, layer_cache, positions_BxT, mask_BxTxS, cache_index):
+  def __call__(self, carry, layer, positions_BxT, mask_BxTxS, cache_index):
     c = self.config
+    x_BxTxD, cache_k, cache_v = carry
+    layer_cache = None if cache_k is None else (cache_k, cache_v, layer)
     norm = lambda name: RMSNorm(c.rms_norm_eps, self.param_dtype, name=name)
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
     attn_out, layer_cache = Attention(
@@ -156,7 +164,8 @@ class DecoderLayer(nn.Module):
     h = x_BxTxD + attn_out
     h = h + Mlp(c.mlp_dim, self.dtype, self.param_dtype, name="mlp")(
         norm("post_attention_layernorm")(h))
-    return h, layer_cache
+    cache_k, cache_v = (None, None) if layer_cache is None else layer_cache
+    return (h, cache_k, cache_v), None
 
 
 REMAT_POLICIES = {
@@ -196,13 +205,13 @@ class DecoderStack(nn.Module):
         length=c.num_layers,
         metadata_params={nn.PARTITION_NAME: "layers"},
     )(c, self.dtype, self.param_dtype, name="layers")
-    layer_caches = None if cache is None else (cache.k, cache.v)
+    k, v = (None, None) if cache is None else (cache.k, cache.v)
     index = None if cache is None else cache.index
-    x_BxTxD, layer_caches = scanned(x_BxTxD.astype(self.dtype), layer_caches, positions_BxT,
-                                    mask_BxTxS, index)
+    (x_BxTxD, k, v), _ = scanned((x_BxTxD.astype(self.dtype), k, v), jnp.arange(c.num_layers),
+                                 positions_BxT, mask_BxTxS, index)
     x_BxTxD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(x_BxTxD)
     if cache is not None:
-      cache = KVCache(layer_caches[0], layer_caches[1], cache.index + x_BxTxD.shape[1])
+      cache = KVCache(k, v, cache.index + x_BxTxD.shape[1])
     return x_BxTxD, cache
 
 
