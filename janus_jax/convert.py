@@ -17,9 +17,7 @@ import json
 import os
 import pickle
 import re
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -296,9 +294,6 @@ def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False) -> None:
   """A converted (or trained) directory -> `transformers`-format model.safetensors + config.json."""
   from janus_jax import pretrained, torch_io
 
-  out = os.path.abspath(out)
-  if os.path.exists(out) and not overwrite:
-    raise FileExistsError(f"{out} exists; pass --overwrite to replace it")
   loaded = pretrained.load_pretrained(ckpt, with_tokenizer=False)
   image_token_id = None
   token_ids = {}
@@ -309,23 +304,12 @@ def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False) -> None:
     token_ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
   except (FileNotFoundError, KeyError, ValueError):
     pass
-  parent = os.path.dirname(out)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-  try:
+  with pretrained.atomic_directory(out, overwrite) as tmp:
     state = hf_state_dict_from_params(jax.device_get(loaded.params))
     torch_io.write_safetensors(os.path.join(tmp, "model.safetensors"), state)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config_dict(loaded.config, image_token_id, token_ids), f, indent=2)
-    for name in os.listdir(ckpt):
-      if name in pretrained.SIDE_FILES or name.endswith(".model"):
-        shutil.copy2(os.path.join(ckpt, name), os.path.join(tmp, name))
-    if os.path.exists(out):
-      shutil.rmtree(out)
-    os.rename(tmp, out)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
+    pretrained.copy_side_files(ckpt, tmp)
 
 
 def main(argv: list[str] | None = None) -> int:

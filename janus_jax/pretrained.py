@@ -8,6 +8,7 @@ A converted directory holds
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -59,9 +60,10 @@ def detect_family(directory: str) -> str:
   return "janus_pro"
 
 
-def write_converted(dst: str, params: Any, model_config: ml_collections.ConfigDict, family: str,
-                    src: str | None, overwrite: bool, extra: dict[str, Any] | None = None) -> None:
-  """Build everything in a temporary sibling of dst, then rename: dst is never half-written."""
+@contextlib.contextmanager
+def atomic_directory(dst: str, overwrite: bool = True):
+  """Yields a temporary sibling of dst to fill; on success it replaces dst in one rename, on any
+  failure it is removed and dst is left as it was: a half-written directory never appears."""
   dst = os.path.abspath(dst)
   if os.path.exists(dst) and not overwrite:
     raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
@@ -69,17 +71,7 @@ def write_converted(dst: str, params: Any, model_config: ml_collections.ConfigDi
   os.makedirs(parent, exist_ok=True)
   tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
   try:
-    # Synchronous, with at most 1 GB in flight: the default async save stages a host copy of
-    # every array at once, which would double peak memory on a 7B conversion.
-    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
-    checkpointer.save(os.path.join(tmp, CONVERTED_MARKER), args=ocp.args.StandardSave(params))
-    meta = {"model": model_config.to_dict(), "family": family, "source": src, **(extra or {})}
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(meta, f, indent=2, default=list)
-    if src:
-      for name in os.listdir(src):
-        if name in SIDE_FILES or name.endswith(".model"):
-          shutil.copy2(os.path.join(src, name), os.path.join(tmp, name))
+    yield tmp
     if os.path.exists(dst):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
       os.rename(dst, os.path.join(old, "x"))
@@ -90,6 +82,27 @@ def write_converted(dst: str, params: Any, model_config: ml_collections.ConfigDi
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
+
+
+def copy_side_files(src: str | None, dst: str) -> None:
+  """Tokenizer and processor files travel with the weights."""
+  for name in os.listdir(src) if src else ():
+    if name in SIDE_FILES or name.endswith(".model"):
+      shutil.copy2(os.path.join(src, name), os.path.join(dst, name))
+
+
+def write_converted(dst: str, params: Any, model_config: ml_collections.ConfigDict, family: str,
+                    src: str | None, overwrite: bool, extra: dict[str, Any] | None = None) -> None:
+  """Build everything in a temporary sibling of dst, then rename: dst is never half-written."""
+  with atomic_directory(dst, overwrite) as tmp:
+    # Synchronous, with at most 1 GB in flight: the default async save stages a host copy of
+    # every array at once, which would double peak memory on a 7B conversion.
+    checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
+    checkpointer.save(os.path.join(tmp, CONVERTED_MARKER), args=ocp.args.StandardSave(params))
+    meta = {"model": model_config.to_dict(), "family": family, "source": src, **(extra or {})}
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+      json.dump(meta, f, indent=2, default=list)
+    copy_side_files(src, tmp)
 
 
 def _model_config_from_meta(meta: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -17,8 +17,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import shutil
-import tempfile
 import time
 from typing import Any
 
@@ -238,11 +236,9 @@ def _grid_tokens(model: vq_lib.VQModel, image_size: int) -> int:
 def _save(out_dir: str, params: Any, vq_config: ml_collections.ConfigDict,
           metrics: dict[str, Any], log: list[dict[str, Any]]) -> None:
   """Writes everything into a temporary sibling, then renames it over out_dir."""
-  dst = os.path.abspath(out_dir)
-  parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
-  try:
+  from janus_jax.pretrained import atomic_directory
+
+  with atomic_directory(out_dir) as tmp:
     # Synchronous: the directory is renamed right after, so nothing may still be in flight.
     ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
         os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(params))
@@ -252,16 +248,6 @@ def _save(out_dir: str, params: Any, vq_config: ml_collections.ConfigDict,
       json.dump(metrics, f, indent=2)
     with open(os.path.join(tmp, "metrics.jsonl"), "w") as f:
       f.writelines(json.dumps(line) + "\n" for line in log)
-    if os.path.exists(dst):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-      os.rename(dst, os.path.join(old, "x"))
-      os.rename(tmp, dst)
-      shutil.rmtree(old, ignore_errors=True)
-    else:
-      os.rename(tmp, dst)
-  except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
-    raise
 
 
 def load_vq(out_dir: str) -> Any:

@@ -324,7 +324,6 @@ def make_dataset(data_config: Any, tokenizer: Tokenizer, family: str, *, seed: i
   weights = _weights(mixture)
   read_options = grain.ReadOptions(num_threads=int(_get(c, "read_threads", 4)),
                                    prefetch_buffer_size=int(_get(c, "prefetch", 16)))
-  sources = _get(c, "sources", {})
   streams, stream_weights = [], []
   for k, task in enumerate(TASKS):
     if weights[task] == 0:
