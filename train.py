@@ -63,7 +63,8 @@ def main(argv) -> None:
     print(f"{name} done: {support.export_stage(config, name, model, params)}")
   final = os.path.join(config.workdir, "model")
   pretrained.write_converted(final, params, config.model, config.family,
-                             support.tokenizer_dir(config), overwrite=True)
+                             support.tokenizer_dir(config), overwrite=True,
+                             extra=support.export_metadata(config))
   print(f"final model (sample.py --checkpoint): {final}")
 
 

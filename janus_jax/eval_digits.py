@@ -27,7 +27,7 @@ import jax
 import numpy as np
 from PIL import Image, ImageDraw
 
-from janus_jax import processing, sampling
+from janus_jax import sampling
 from janus_jax.data import digits
 from janus_jax.pretrained import Pretrained, load_pretrained
 
@@ -88,10 +88,10 @@ def understanding_accuracy(pre: Pretrained, images_u8: np.ndarray, labels: np.nd
   """Greedy answers about each image [N, S, S] (uint8) vs NAMES[label].
 
   Batches have a fixed shape (the last is padded with repeats), so the prefill and decode loop
-  compile once. system_prompt None: processing.SYSTEM_PROMPT (as the data pipeline's default).
+  compile once. system_prompt None: the processor's (the one the checkpoint was trained with).
   Returns accuracy, per_digit [10], and the first `examples` (label, answer) pairs.
   """
-  system = processing.SYSTEM_PROMPT if system_prompt is None else system_prompt
+  system = pre.processor.system_prompt if system_prompt is None else system_prompt
   images_u8, labels = np.asarray(images_u8), np.asarray(labels)
   n = len(images_u8)
   answers: list[str] = []

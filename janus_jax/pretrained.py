@@ -125,12 +125,14 @@ def restore_params(directory: str, model: janus_lib.Janus, mesh=None) -> Any:
   return ocp.StandardCheckpointer().restore(path, target)
 
 
-def _load_side(directory: str, family: str, model_config):
+def _load_side(directory: str, family: str, model_config, system_prompt: str | None = None):
   from janus_jax import processing, tokenizer  # imported here: optional files for bare params
 
   tok = tokenizer.Tokenizer.from_dir(directory)
-  proc = processing.Processor(tok, family, image_size=model_config.vision.image_size,
-                              num_image_tokens=model_config.vq.grid_size**2)
+  num_und = (model_config.vision.image_size // model_config.vision.patch_size) ** 2
+  proc = processing.Processor(
+      tok, family, image_size=model_config.vision.image_size, num_image_tokens=num_und,
+      system_prompt=processing.SYSTEM_PROMPT if system_prompt is None else system_prompt)
   return tok, proc
 
 
@@ -161,5 +163,6 @@ def load_pretrained(path: str, dtype: str | None = None, mesh=None, with_tokeniz
       place = lambda path_, leaf: jax.device_put(leaf, shardings[path_])  # noqa: E731
     cfg, params = convert.convert_directory(path, cfg.param_dtype, place)
     family = detect_family(path)
-  tok, proc = _load_side(path, family, cfg) if with_tokenizer else (None, None)
+  system_prompt = meta.get("system_prompt") if "model" in meta else None
+  tok, proc = _load_side(path, family, cfg, system_prompt) if with_tokenizer else (None, None)
   return Pretrained(model, params, cfg, tok, proc, family)

@@ -174,8 +174,9 @@ class Processor:
 
   def __init__(self, tokenizer: Tokenizer, family: str, image_size: int = 384,
                num_image_tokens: int = 576, background: tuple[int, int, int] = (127, 127, 127),
-               min_size: int = 14):
+               min_size: int = 14, system_prompt: str = SYSTEM_PROMPT):
     _roles(family)
+    self.system_prompt = system_prompt  # what understanding prompts start with by default
     self.tokenizer = tokenizer
     self.family = family
     self.image_size = image_size
@@ -188,7 +189,7 @@ class Processor:
     return preprocess_image(image, self.image_size, self.background, self.min_size)
 
   def chat_batch(self, conversations: Sequence[Sequence[dict[str, str]]],
-                 images: Sequence[Sequence[Any]] | None = None, system: str = SYSTEM_PROMPT,
+                 images: Sequence[Sequence[Any]] | None = None, system: str | None = None,
                  pad_to_multiple: int | None = None,
                  max_length: int | None = None) -> dict[str, np.ndarray]:
     """Multi-turn conversations (generic roles; `<image_placeholder>` written in the text where
@@ -201,6 +202,7 @@ class Processor:
     images = images if images is not None else [[] for _ in conversations]
     if len(images) != len(conversations):
       raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    system = self.system_prompt if system is None else system
     prompts = [chat_prompt(c, self.family, system) for c in conversations]
     rows = []
     placeholder = self.tokenizer.image_placeholder_id
@@ -224,7 +226,7 @@ class Processor:
             "pixels": pixels, "image_valid": image_valid}
 
   def understanding_batch(self, questions: Sequence[str], images: Sequence[Sequence[Any]],
-                          system: str = SYSTEM_PROMPT, pad_to_multiple: int | None = None,
+                          system: str | None = None, pad_to_multiple: int | None = None,
                           max_length: int | None = None) -> dict[str, np.ndarray]:
     """One question per sample about its images (placeholders first, one line each); the batch
     layout is `chat_batch`'s."""

@@ -150,8 +150,14 @@ def initial_params(config, model, name: str, carried: Any, param_shardings: Any,
 def export_stage(config, name: str, model, params) -> str:
   path = os.path.join(config.workdir, name, "model")
   pretrained.write_converted(path, params, config.model, config.family, tokenizer_dir(config),
-                             overwrite=True)
+                             overwrite=True, extra=export_metadata(config))
   return path
+
+
+def export_metadata(config) -> dict[str, Any]:
+  """What sampling needs to prompt the model the way it was trained."""
+  system = config.data.get("system_prompt", None)
+  return {} if system is None else {"system_prompt": system}
 
 
 # --- data ---------------------------------------------------------------------------------------
