@@ -130,7 +130,7 @@ def main(argv) -> None:
   with phase(f"loading {s['checkpoint']}"):
     loaded = load_pretrained(s["checkpoint"], dtype=c.dtype or None)
   if _IMAGE.value:
-    print(answer(loaded, _IMAGE.value, _QUESTION.value, c))
+    print(answer(loaded, _IMAGE.value, _QUESTION.value, c).strip())
   if _PROMPT.value:
     text_to_image(loaded, list(_PROMPT.value), s, settings)
 
