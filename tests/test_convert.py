@@ -315,3 +315,24 @@ def test_tokenizer_and_processor_travel_with_the_checkpoint(tmp_path, hf_model, 
   role = "<|User|>" if family == "janus_pro" else "User"
   assert tok.decode(ids[1][batch["attention_mask"][1]], skip_special_tokens=False).startswith(
       "<｜begin▁of▁sentence｜>" + role + ": a cat")
+
+
+def test_exported_models_keep_the_system_prompt_they_were_trained_with(tmp_path, hf_model):
+  import pathlib
+
+  from test_tokenizer import build_hf_json
+
+  src = pathlib.Path(checkpoints.write_hf(str(tmp_path / "src"), hf_model))
+  build_hf_json(src)
+  loaded = pretrained.load_pretrained(str(src), dtype="float32")  # converted in memory
+  assert loaded.processor.system_prompt.startswith("You are a helpful language and vision assistant")
+  dst = str(tmp_path / "trained")
+  pretrained.write_converted(dst, loaded.params, loaded.config, "janus_pro", str(src), overwrite=False,
+                             extra={"system_prompt": ""})
+  again = pretrained.load_pretrained(dst)
+  assert again.processor.system_prompt == ""
+  batch = again.processor.understanding_batch(["What is it?"], [[np.zeros((8, 8, 3), np.uint8)]])
+  text = again.tokenizer.decode(batch["input_ids"][0][batch["attention_mask"][0]].tolist(),
+                                skip_special_tokens=False)
+  assert text.startswith("<｜begin▁of▁sentence｜><|User|>: <begin_of_image>"), text
+  assert int(batch["image_mask"].sum()) == 16  # the understanding encoder's patch count
