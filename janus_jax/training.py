@@ -91,20 +91,46 @@ def _cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array
   return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
+# Tokens per chunk of the two heads and their cross-entropy: the full-vocabulary logits of a
+# whole batch (102,400 x tokens) would otherwise dominate training memory.
+LOSS_CHUNK_TOKENS = 2048
+
+
+def token_losses(params: Any, model: janus_lib.Janus, hidden_BxTxD: jax.Array,
+                 targets_BxT: jax.Array, is_image_BxT: jax.Array) -> jax.Array:
+  """Cross-entropy per token [B, T]: the text head for text targets, the image head for image
+  targets. Computed LOSS_CHUNK_TOKENS at a time under `jax.checkpoint`, so no chunk's logits are
+  kept for the backward pass."""
+  b, t, d = hidden_BxTxD.shape
+  n = b * t
+  chunk = min(LOSS_CHUNK_TOKENS, n)
+  pad = -n % chunk
+  flat = lambda x: jnp.pad(x.reshape(n, *x.shape[2:]), [(0, pad)] + [(0, 0)] * (x.ndim - 2))
+
+  @jax.checkpoint
+  def one_chunk(args):
+    h_CxD, targets_C, is_image_C = args
+    text_logits, image_logits = model.apply(
+        {"params": params}, method=lambda m: (m.text_logits(h_CxD), m.image_logits(h_CxD)))
+    text_ce = _cross_entropy(text_logits, jnp.where(is_image_C, 0, targets_C))
+    image_ce = _cross_entropy(image_logits, jnp.where(is_image_C, targets_C, 0))
+    return jnp.where(is_image_C, image_ce, text_ce)
+
+  chunks = (flat(hidden_BxTxD).reshape(-1, chunk, d), flat(targets_BxT).reshape(-1, chunk),
+            flat(is_image_BxT).reshape(-1, chunk))
+  return jax.lax.map(one_chunk, chunks).reshape(-1)[:n].reshape(b, t)
+
+
 def loss_and_metrics(params: Any, model: janus_lib.Janus, batch: dict[str, jax.Array]
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean cross-entropy over every supervised token; plus each task's mean loss and token count."""
 
-  def forward(m: janus_lib.Janus):
-    x = embed_batch(m, batch)
-    hidden, _ = m(x, batch["positions"], llm.segment_mask(batch["segment_ids"]))
-    text_targets = jnp.where(batch["target_is_image"], 0, batch["targets"])
-    image_targets = jnp.where(batch["target_is_image"], batch["targets"], 0)
-    text_ce = _cross_entropy(m.text_logits(hidden), text_targets)
-    image_ce = _cross_entropy(m.image_logits(hidden), image_targets)
-    return jnp.where(batch["target_is_image"], image_ce, text_ce)
+  def trunk(m: janus_lib.Janus):
+    hidden, _ = m(embed_batch(m, batch), batch["positions"], llm.segment_mask(batch["segment_ids"]))
+    return hidden
 
-  ce_BxT = model.apply({"params": params}, method=forward)
+  hidden = model.apply({"params": params}, method=trunk)
+  ce_BxT = token_losses(params, model, hidden, batch["targets"], batch["target_is_image"])
   mask = batch["loss_mask"].astype(jnp.float32)
   tokens = jnp.maximum(mask.sum(), 1.0)
   loss = (ce_BxT * mask).sum() / tokens
