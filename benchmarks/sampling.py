@@ -142,12 +142,14 @@ def prompts(batch: int) -> tuple[np.ndarray, np.ndarray]:
   return ids, np.ones(ids.shape, bool)
 
 
-def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = True) -> dict:
+def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = True,
+              unroll: bool = True) -> dict:
+  """unroll: decode over per-layer weights (the CPU default) or the layer scan."""
   ids, valid = prompts(batch)
   settings = sampling.Sampler(temperature=TEMPERATURE)
   run = lambda seed: jax.block_until_ready(sampling.generate_image_tokens(
       model, params, ids, valid, rng=jax.random.key(seed), pad_id=PAD, cfg_weight=CFG,
-      settings=settings, num_image_tokens=steps))
+      settings=settings, num_image_tokens=steps, unroll_layers=unroll))
   # The two jitted functions on the rows generate_image_tokens builds, compiled ahead of time.
   length = sampling.bucket_length(PROMPT_LEN)
   pad = [(0, 0), (length - PROMPT_LEN, 0)]
@@ -158,7 +160,8 @@ def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = Tr
     prefill_exe = jax.jit(prefill).lower(params, rows, rows_valid).compile()
     hidden, cache = jax.eval_shape(prefill, params, rows, rows_valid)
     sampling._image_decode.lower(model, params, hidden, cache, rows_valid, jax.random.key(0),
-                                 jnp.float32(CFG), settings=settings, mesh=None).compile()
+                                 jnp.float32(CFG), settings=settings, mesh=None,
+                                 unroll=unroll).compile()
   run(0)  # warm: the jit caches of generate_image_tokens
   total_s, foreign = best_of(lambda: run(1), repeats)
   prefill_s, _ = best_of(lambda: jax.block_until_ready(prefill_exe(params, rows, rows_valid)), 3)
@@ -241,7 +244,8 @@ def main():
   p.add_argument("--batches", default="1,8", help="images per run, comma separated")
   p.add_argument("--steps", type=int, default=TOKENS, help="image tokens timed per run (<= 576)")
   p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (best kept)")
-  p.add_argument("--skip", default="", help="comma list of: hf, eager, vq (both VQ decodes)")
+  p.add_argument("--skip", default="", help="comma list of: hf, eager, vq (both VQ decodes), "
+                 "scan (jax with the layer scan instead of unrolled layers)")
   p.add_argument("--out", default=None, help="write the results as JSON here")
   args = p.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
@@ -261,12 +265,16 @@ def main():
 
   results = dict(config=dict(prompt_len=PROMPT_LEN, steps=args.steps, cfg=CFG, temperature=TEMPERATURE,
                              jax=jax.__version__, torch=torch.__version__, devices=str(jax.devices())),
-                 ceilings=dict(jax=jax_ceilings()), jax={}, hf={}, eager={}, floor={})
+                 ceilings=dict(jax=jax_ceilings()), jax={}, jax_scan={}, hf={}, eager={}, floor={})
   print("jax ceilings", results["ceilings"]["jax"], flush=True)
   for b in batches:
     results["jax"][b] = summarise(bench_jax(model, params, b, args.steps, args.repeats, "vq" not in skip),
                                   b, args.steps)
     print(f"jax B={b}", results["jax"][b], flush=True)
+    if "scan" not in skip:
+      results["jax_scan"][b] = summarise(bench_jax(model, params, b, args.steps, args.repeats, False,
+                                                   unroll=False), b, args.steps)
+      print(f"jax_scan B={b}", results["jax_scan"][b], flush=True)
   time.sleep(1.0)  # let XLA's worker threads go idle before torch's OpenMP pool spins up
   results["ceilings"]["torch"] = torch_ceilings()
   print("torch ceilings", results["ceilings"]["torch"], flush=True)
@@ -303,12 +311,12 @@ def print_table(results: dict, batches: list[int]) -> None:
   print("|" + "---|" * (head.count("|") - 1))
   for b in batches:
     fl = results["floor"][b]
-    for name in ("jax", "hf", "eager"):
+    for name in ("jax", "jax_scan", "hf", "eager"):
       r = results[name].get(b)
       if not r:
         continue
       extra = (f"{r['prefill_ms']:.0f} | {r['compile_s']:.1f} | {r['vq_s'] / b:.2f}"
-               if name == "jax" else "- | - | -")
+               if name.startswith("jax") else "- | - | -")
       print(f"| {name} | {b} ({2 * b}) | {r['ms_per_step']:.1f} | {fl['floor_ms']:.1f} | "
             f"{r['ms_per_step'] / fl['floor_ms']:.2f} | {r['tokens_per_s']:.1f} | "
             f"{r['images_per_s']:.4f} | {extra} | {r['foreign_cores']:.2f} |")

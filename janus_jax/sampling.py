@@ -161,6 +161,58 @@ def _step(m: Janus, x_Bx1xD, slot_valid_BxS, positions_B, cache: llm.KVCache):
   return hidden[:, 0], cache
 
 
+def _decode_jit(**jit_kwargs):
+  """jax.jit for the token loops `fn(model, params, x, ...)`, x's leading axis being the rows.
+
+  XLA:CPU runs dots through YNNPACK fusions by default; for decode matmuls of 4-16 rows its own
+  (Eigen) dots are 1.3-1.5x faster, for 1-2 rows YNNPACK is 1.2x faster (benchmarks/sampling.py
+  and skinny-matmul timings on a 2-core Zen 5), so the CPU compile picks by row count. The
+  backend is looked up at the first call: importing this module initialises none.
+  """
+  def wrap(fn):
+    @functools.cache
+    def jitted(eigen_dots: bool):
+      options = {"xla_cpu_experimental_ynn_fusion_type": ""} if eigen_dots else None
+      return jax.jit(fn, **jit_kwargs, compiler_options=options)
+
+    def pick(args):
+      return jitted(jax.default_backend() == "cpu" and args[2].shape[0] >= 4)
+
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+      return pick(args)(*args, **kwargs)
+    call.lower = lambda *args, **kwargs: pick(args).lower(*args, **kwargs)
+    return call
+  return wrap
+
+
+def _default_unroll(unroll_layers: bool | None) -> bool:
+  # Unrolled decode copies the layer weights once per call to save a copy per step: a clear win
+  # where weight reads bound the step (XLA:CPU); elsewhere the layer scan keeps memory and
+  # compile time flat.
+  return jax.default_backend() == "cpu" if unroll_layers is None else bool(unroll_layers)
+
+
+def _decoder(model: Janus, params: Any, unroll: bool):
+  """The trunk for decode steps, `(x [B, 1, D], slot_valid [B, S], positions [B], cache) ->
+  (hidden [B, D], cache)`; `unroll`: llm.decode_unrolled instead of the layer scan.
+
+  Call it outside the token loop: with `unroll` the layer params are split here, once.
+  """
+  if not unroll:
+    return lambda *args: _apply(model, params, _step, *args)
+  c, decoder = model.config, params["llm"]["decoder"]
+  layers = llm.split_layers(decoder["layers"])
+  dtypes = janus_lib._dtype(c.dtype), janus_lib._dtype(c.param_dtype)
+
+  def step(x_Bx1xD, slot_valid_BxS, positions_B, cache):
+    hidden, cache = llm.decode_unrolled(c.llm, *dtypes, layers, decoder["norm"], x_Bx1xD,
+                                        positions_B[:, None],
+                                        llm.cache_mask(slot_valid_BxS, cache.index, 1), cache)
+    return hidden[:, 0], cache
+  return step
+
+
 def _slot_valid(valid_BxT: jax.Array, slots: int) -> jax.Array:
   """[B, S]: the prompt's validity, then every later slot marked valid up front.
 
@@ -192,12 +244,14 @@ def _image_prefill(model, params, ids_RxT, valid_RxT, *, num_slots, mesh):
   return model.apply({"params": params}, method=run)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "settings", "mesh"), donate_argnames=("cache",))
-def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, *, settings, mesh):
+@_decode_jit(static_argnames=("model", "settings", "mesh", "unroll"), donate_argnames=("cache",))
+def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, *, settings, mesh,
+                  unroll):
   """Samples one token per image per key; the trunk runs once per key but the last."""
   del mesh  # only part of the compilation key (the inputs carry the shardings)
   rows = hidden_RxD.shape[0]
   slot_valid_RxS = _slot_valid(valid_RxT, cache.slots)
+  trunk = _decoder(model, params, unroll)
   # One key per image token: the cache holds exactly prompt bucket + N slots.
   keys = jax.random.split(rng, cache.slots - valid_RxT.shape[1])
 
@@ -210,7 +264,7 @@ def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, 
     hidden_RxD, cache, positions_R = carry
     ids_N = sample(hidden_RxD, key)
     x_Rx1xD = _apply(model, params, Janus.embed_image_tokens, jnp.repeat(ids_N, 2)[:, None])
-    hidden_RxD, cache = _apply(model, params, _step, x_Rx1xD, slot_valid_RxS, positions_R, cache)
+    hidden_RxD, cache = trunk(x_Rx1xD, slot_valid_RxS, positions_R, cache)
     return (hidden_RxD, cache, positions_R + 1), ids_N
 
   positions_R = valid_RxT.sum(axis=1).astype(jnp.int32)
@@ -225,11 +279,13 @@ def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_vali
                           rng: jax.Array, pad_id: int, cfg_weight: float = 5.0,
                           settings: Sampler = Sampler(), images_per_prompt: int = 1,
                           num_image_tokens: int | None = None,
-                          mesh: Mesh | None = None) -> jax.Array:
+                          mesh: Mesh | None = None,
+                          unroll_layers: bool | None = None) -> jax.Array:
   """Image-token ids [B * images_per_prompt, N] int32 (prompt-major), N = grid_size**2 default.
 
   prompt rows are left-padded, BOS first real token and `<begin_of_image>` last. Each image gets
   a conditional and an unconditional row; the sampled id feeds both. N trunk calls in all.
+  unroll_layers: decode with the layers unrolled over per-layer weights (default: on CPU only).
   """
   ids_BxT = np.asarray(prompt_ids_BxT)
   valid_BxT = np.asarray(prompt_valid_BxT, bool)
@@ -246,7 +302,8 @@ def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_vali
   hidden_RxD, cache = _image_prefill(model, params, rows_RxT, valid_RxT, num_slots=length + n,
                                      mesh=mesh)
   ids_NxT, _ = _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng,
-                             jnp.float32(cfg_weight), settings=settings, mesh=mesh)
+                             jnp.float32(cfg_weight), settings=settings, mesh=mesh,
+                             unroll=_default_unroll(unroll_layers))
   return ids_NxT
 
 
@@ -276,14 +333,15 @@ def _text_prefill(model, params, ids_BxT, valid_BxT, image_mask_BxT, pixels, ima
   return model.apply({"params": params}, method=run)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "settings", "max_new_tokens", "mesh"),
-                   donate_argnames=("cache",))
+@_decode_jit(static_argnames=("model", "settings", "max_new_tokens", "mesh", "unroll"),
+             donate_argnames=("cache",))
 def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, settings,
-                 max_new_tokens, mesh):
+                 max_new_tokens, mesh, unroll):
   """Greedy/sampled tokens [B, max_new_tokens] until every row has produced EOS."""
   del mesh  # only part of the compilation key (the inputs carry the shardings)
   b = valid_BxT.shape[0]
   slot_valid_BxS = _slot_valid(valid_BxT, cache.slots)
+  trunk = _decoder(model, params, unroll)
   keys = jax.random.split(rng, max_new_tokens)
   first_B = sample_logits(keys[0], logits_BxV, settings)
   tokens_BxN = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
@@ -298,7 +356,7 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
     i, cache, tokens_BxN, done_B, positions_B = carry
     prev_B = jax.lax.dynamic_index_in_dim(tokens_BxN, i - 1, axis=1, keepdims=False)
     x_Bx1xD = _apply(model, params, Janus.embed_text, prev_B[:, None])
-    hidden_BxD, cache = _apply(model, params, _step, x_Bx1xD, slot_valid_BxS, positions_B, cache)
+    hidden_BxD, cache = trunk(x_Bx1xD, slot_valid_BxS, positions_B, cache)
     logits_BxV = _apply(model, params, Janus.text_logits, hidden_BxD)
     next_B = jnp.where(done_B, eos_id, sample_logits(keys[i], logits_BxV, settings))
     tokens_BxN = jax.lax.dynamic_update_index_in_dim(tokens_BxN, next_B, i, axis=1)
@@ -314,12 +372,14 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
 def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, *, rng: jax.Array,
                   max_new_tokens: int, eos_id: int, settings: Sampler = GREEDY,
                   image_mask_BxT=None, pixels=None, image_valid=None,
-                  mesh: Mesh | None = None) -> tuple[jax.Array, jax.Array]:
+                  mesh: Mesh | None = None,
+                  unroll_layers: bool | None = None) -> tuple[jax.Array, jax.Array]:
   """(tokens [B, max_new_tokens] int32, lengths [B] int32) for left-padded prompts.
 
   lengths count the tokens up to and including EOS (max_new_tokens without one); later positions
   hold eos_id. pixels [B, n, H, W, 3] in [-1, 1] fill the image_mask placeholders in order
-  (Janus.embed_inputs); image_valid [B, n] marks real images.
+  (Janus.embed_inputs); image_valid [B, n] marks real images. unroll_layers: as in
+  generate_image_tokens.
   """
   ids_BxT = np.asarray(input_ids_BxT)
   valid_BxT = np.asarray(attention_mask_BxT).astype(bool)
@@ -342,5 +402,5 @@ def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, 
                                     image_valid, num_slots=length + max_new_tokens, mesh=mesh)
   tokens_BxN, lengths_B, _ = _text_decode(
       model, params, logits_BxV, cache, valid_BxT, rng, jnp.int32(eos_id), settings=settings,
-      max_new_tokens=max_new_tokens, mesh=mesh)
+      max_new_tokens=max_new_tokens, mesh=mesh, unroll=_default_unroll(unroll_layers))
   return tokens_BxN, lengths_B

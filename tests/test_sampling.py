@@ -53,18 +53,19 @@ def _hf_image_tokens(hf, ids, valid, **kw):
 
 
 @functools.lru_cache(maxsize=None)
-def _greedy_image_tokens():
+def _greedy_image_tokens(unroll_layers: bool = True):
   _, model, params = _setup()
   ids, valid = _t2i_prompts()
   return np.asarray(sampling.generate_image_tokens(
       model, params, ids, valid, rng=jax.random.key(0), pad_id=PAD, cfg_weight=CFG,
-      settings=sampling.GREEDY))
+      settings=sampling.GREEDY, unroll_layers=unroll_layers))
 
 
-def test_greedy_image_tokens_match_transformers(setup):
+@pytest.mark.parametrize("unroll_layers", [True, False], ids=["unrolled", "layer_scan"])
+def test_greedy_image_tokens_match_transformers(setup, unroll_layers):
   hf, model, _ = setup
   ids, valid = _t2i_prompts()
-  ours = _greedy_image_tokens()
+  ours = _greedy_image_tokens(unroll_layers)
   assert ours.shape == (2, 16) and ours.dtype == np.int32
   np.testing.assert_array_equal(ours, _hf_image_tokens(hf, ids, valid, do_sample=False))
 
@@ -200,12 +201,13 @@ def _hf_text(hf, ids, valid, pixels, eos, max_new):
   return out.numpy()[:, ids.shape[1]:]
 
 
-def test_greedy_text_matches_transformers(setup):
+@pytest.mark.parametrize("unroll_layers", [True, False], ids=["unrolled", "layer_scan"])
+def test_greedy_text_matches_transformers(setup, unroll_layers):
   hf, model, params = setup
   ids, valid, pixels = _chat_prompts()
   gen = lambda i, v, p, eos: sampling.generate_text(
       model, params, i, v, rng=jax.random.key(0), max_new_tokens=8, eos_id=eos,
-      image_mask_BxT=i == IMAGE_TOKEN, pixels=p)
+      image_mask_BxT=i == IMAGE_TOKEN, pixels=p, unroll_layers=unroll_layers)
   free_run = _hf_text(hf, ids, valid, pixels, eos=BOS, max_new=8)
   assert (free_run != BOS).all()
   eos = int(free_run[0, 3])  # row 0 stops after 4 tokens; row 1 (almost surely) runs on

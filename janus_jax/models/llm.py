@@ -48,7 +48,7 @@ class KVCache:
 
   @property
   def slots(self) -> int:
-    return self.k.shape[3]
+    return (self.k[0] if isinstance(self.k, tuple) else self.k).shape[3]
 
 
 class RMSNorm(nn.Module):
@@ -213,6 +213,32 @@ class DecoderStack(nn.Module):
     if cache is not None:
       cache = KVCache(k, v, cache.index + x_BxTxD.shape[1])
     return x_BxTxD, cache
+
+
+def split_layers(stacked_params: Any) -> list[Any]:
+  """The scanned stack's params ([layers, ...] leaves) as one tree per layer."""
+  num_layers = jax.tree.leaves(stacked_params)[0].shape[0]
+  return [jax.tree.map(lambda a, i=i: a[i], stacked_params) for i in range(num_layers)]
+
+
+def decode_unrolled(config: Any, dtype: Dtype, param_dtype: Dtype, layer_params: list[Any],
+                    norm_params: Any, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                    mask_BxTxS: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+  """DecoderStack's forward (cache required) as a Python loop over per-layer params.
+
+  For token-by-token decoding where reading weights bounds the step (CPUs): the layer scan slices
+  each layer out of the stacked params every step, and XLA:CPU copies that slice before its
+  matmuls (a dynamic slice cannot feed a dot directly), doubling the bytes moved per step. Split
+  the params once per generate call (`split_layers`) and unroll here: every matmul then reads its
+  weights in place.
+  """
+  layer = DecoderLayer(config, dtype, param_dtype)
+  x_BxTxD, k, v = x_BxTxD.astype(dtype), cache.k, cache.v
+  for i, params in enumerate(layer_params):
+    (x_BxTxD, k, v), _ = layer.apply({"params": params}, (x_BxTxD, k, v), i,
+                                     positions_BxT, mask_BxTxS, cache.index)
+  x_BxTxD = RMSNorm(config.rms_norm_eps, param_dtype).apply({"params": norm_params}, x_BxTxD)
+  return x_BxTxD, KVCache(k, v, cache.index + x_BxTxD.shape[1])
 
 
 def causal_mask(valid_BxT: jax.Array) -> jax.Array:
