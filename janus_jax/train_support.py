@@ -41,6 +41,9 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
   training.check_trainable(stage.trainable)
   if stage.steps < 0 or stage.batch_size <= 0:
     raise ValueError(f"config.stages.{name}: steps must be >= 0 and batch_size > 0")
+  if not 0 <= stage.get("cooldown_steps", 0) <= stage.steps - stage.warmup_steps:
+    raise ValueError(f"config.stages.{name}.cooldown_steps = {stage.cooldown_steps} must be in "
+                     f"[0, steps - warmup_steps = {stage.steps - stage.warmup_steps}]")
   shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
   if stage.batch_size % shards:
     raise ValueError(f"config.stages.{name}.batch_size = {stage.batch_size} is not divisible by "
@@ -62,28 +65,38 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
 
 def prepare(config: ml_collections.ConfigDict) -> None:
   """config.prepare.kind = "digits": build the digits datasets and tokenizer if missing, then
-  train stage 0 (the VQ tokenizer) into config.init_vq_from if it is not there yet."""
+  stage 0 for whichever is not there yet: the VQ tokenizer (into config.init_vq_from) and the
+  understanding encoder's pretraining (into config.init_understanding_encoder_from)."""
   spec = config.get("prepare", None)
   if not spec:
     return
   if spec.kind != "digits":
     raise ValueError(f"config.prepare.kind = {spec.kind!r}: the only built-in preparation is 'digits'")
-  from janus_jax import vq_training
+  from janus_jax import encoder_pretraining, vq_training
   from janus_jax.data import digits
 
   t0 = time.perf_counter()
   digits.prepare(spec.data_dir, config.tokenizer, image_size=spec.image_size, seed=spec.seed)
   print(f"digits data and tokenizer ready in {time.perf_counter() - t0:.1f} s")
-  if os.path.isdir(os.path.join(config.init_vq_from, vq_training.PARAMS_DIR)):
-    return
-  print(f"=== stage0: VQ tokenizer, {spec.vq_steps} steps")
-  train_x, _ = digits.load_split("train", spec.image_size, spec.seed)
-  test_x, _ = digits.load_split("test", spec.image_size, spec.seed)
-  metrics = vq_training.train_vq(config.model.vq, train_x, test_x, steps=spec.vq_steps,
-                                 batch_size=spec.vq_batch_size, learning_rate=spec.vq_learning_rate,
-                                 seed=spec.seed, out_dir=config.init_vq_from)
-  print(f"stage0 done in {metrics['total_seconds']:.0f} s: held-out PSNR {metrics['psnr']:.1f} dB, "
-        f"codebook usage {metrics['codebook_usage']:.0%}")
+  train_x, train_y = digits.load_split("train", spec.image_size, spec.seed)
+  test_x, test_y = digits.load_split("test", spec.image_size, spec.seed)
+  if not os.path.isdir(os.path.join(config.init_vq_from, vq_training.PARAMS_DIR)):
+    print(f"=== stage0: VQ tokenizer, {spec.vq_steps} steps")
+    metrics = vq_training.train_vq(config.model.vq, train_x, test_x, steps=spec.vq_steps,
+                                   batch_size=spec.vq_batch_size,
+                                   learning_rate=spec.vq_learning_rate, seed=spec.seed,
+                                   out_dir=config.init_vq_from)
+    print(f"stage0 VQ done in {metrics['total_seconds']:.0f} s: held-out PSNR "
+          f"{metrics['psnr']:.1f} dB, codebook usage {metrics['codebook_usage']:.0%}")
+  encoder_dir = config.get("init_understanding_encoder_from", "")
+  if encoder_dir and not os.path.isdir(os.path.join(encoder_dir, vq_training.PARAMS_DIR)):
+    print(f"=== stage0: understanding encoder pretraining, {spec.encoder_steps} steps")
+    metrics = encoder_pretraining.train_encoder(
+        config.model.vision, train_x, train_y, test_x, test_y, steps=spec.encoder_steps,
+        batch_size=spec.encoder_batch_size, learning_rate=spec.encoder_learning_rate,
+        seed=spec.seed, out_dir=encoder_dir)
+    print(f"stage0 understanding encoder done in {metrics['seconds']:.0f} s: held-out "
+          f"classifier accuracy {metrics['test_accuracy']:.1%}")
 
 
 # --- tokenizer and starting params --------------------------------------------------------------
@@ -144,6 +157,12 @@ def initial_params(config, model, name: str, carried: Any, param_shardings: Any,
 
     print(f"{name}: generation tokenizer from {config.init_vq_from}")
     params = {**params, "generation_tokenizer": vq_training.load_vq(config.init_vq_from)}
+  if config.get("init_understanding_encoder_from", ""):  # stage 0's stand-in for SigLIP
+    from janus_jax import encoder_pretraining
+
+    print(f"{name}: understanding encoder from {config.init_understanding_encoder_from}")
+    params = {**params, "understanding_encoder":
+              encoder_pretraining.load_encoder(config.init_understanding_encoder_from)}
   return jax.device_put(params, param_shardings)
 
 

@@ -59,12 +59,18 @@ def split_trainable(params: dict[str, Any], trainable: Sequence[str]) -> tuple[d
 
 
 def learning_rate_schedule(stage: ml_collections.ConfigDict) -> optax.Schedule:
-  """Linear warm-up, then constant (the Janus-Pro recipe)."""
-  if stage.warmup_steps <= 0:
-    return optax.constant_schedule(stage.learning_rate)
-  return optax.join_schedules(
-      [optax.linear_schedule(0.0, stage.learning_rate, stage.warmup_steps),
-       optax.constant_schedule(stage.learning_rate)], [stage.warmup_steps])
+  """Linear warm-up, then constant (the Janus-Pro recipe); with `cooldown_steps`, the last that
+  many steps decay linearly to zero (warm-up / stable / decay)."""
+  lr, warmup, cooldown = stage.learning_rate, stage.warmup_steps, stage.get("cooldown_steps", 0)
+  pieces, boundaries = [], []
+  if warmup > 0:
+    pieces.append(optax.linear_schedule(0.0, lr, warmup))
+    boundaries.append(warmup)
+  pieces.append(optax.constant_schedule(lr))
+  if cooldown > 0:
+    boundaries.append(stage.steps - cooldown)
+    pieces.append(optax.linear_schedule(lr, 0.0, cooldown))
+  return pieces[0] if len(pieces) == 1 else optax.join_schedules(pieces, boundaries)
 
 
 def make_optimizer(stage: ml_collections.ConfigDict, opt: ml_collections.ConfigDict

@@ -252,9 +252,14 @@ def _save(out_dir: str, params: Any, vq_config: ml_collections.ConfigDict,
 
 def load_vq(out_dir: str) -> Any:
   """The VQ params (numpy) saved by train_vq: the `generation_tokenizer` subtree of a Janus."""
+  return load_params(out_dir, "trained VQ")
+
+
+def load_params(out_dir: str, what: str) -> Any:
+  """Numpy params from out_dir/params (a stage-0 output); `what` names it in the error."""
   path = os.path.join(os.path.abspath(out_dir), PARAMS_DIR)
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{out_dir} holds no trained VQ ({path} is missing)")
+    raise FileNotFoundError(f"{out_dir} holds no {what} ({path} is missing)")
   restored = ocp.Checkpointer(ocp.StandardCheckpointHandler()).restore(
       path, args=ocp.args.StandardRestore())
   return jax.device_get(restored)

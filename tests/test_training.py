@@ -100,6 +100,11 @@ def test_stage_table_switches_trainable_sets_and_learning_rates():
   assert float(schedule(0)) == 0 and float(schedule(300)) == pytest.approx(5e-4)
   assert float(schedule(600)) == pytest.approx(1e-3) and float(schedule(10_000)) == pytest.approx(1e-3)
   assert float(training.learning_rate_schedule(s3)(0)) == pytest.approx(4e-5)
+  # Warm-up / stable / decay: the last cooldown_steps fall linearly to zero.
+  s1.update(dict(steps=1000, warmup_steps=100, cooldown_steps=400))
+  wsd = training.learning_rate_schedule(s1)
+  assert [float(wsd(t)) for t in (50, 100, 600)] == pytest.approx([5e-4, 1e-3, 1e-3])
+  assert [float(wsd(t)) for t in (800, 1000)] == pytest.approx([5e-4, 0.0], abs=1e-9)
 
 
 def test_bad_stage_configs_fail_before_compiling():
@@ -119,6 +124,10 @@ def test_bad_stage_configs_fail_before_compiling():
     support.check_stage(config, "stage1", mesh)
   config.stages.stage1.trainable = ("llm", "vision_tower")
   with pytest.raises(ValueError, match="unknown trainable parts"):
+    support.check_stage(config, "stage1", mesh)
+  config.stages.stage1.trainable = ("llm",)
+  config.stages.stage1.cooldown_steps = config.stages.stage1.steps + 1
+  with pytest.raises(ValueError, match=r"stage1.cooldown_steps = \d+ must be in \[0, steps"):
     support.check_stage(config, "stage1", mesh)
 
 

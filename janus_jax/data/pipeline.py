@@ -84,7 +84,8 @@ def source_config(name: str, split: str = "train", data_dir: str | None = None,
                   pretokenized_key: str | None = None) -> ml_collections.ConfigDict:
   """One entry of `data.sources`."""
   return ml_collections.ConfigDict({
-      "name": name, "split": split, "data_dir": data_dir or "",  # "" (not None): a flag can set it
+      # "" (not None): a flag can set it; `is None`, as a FieldReference has no truth value.
+      "name": name, "split": split, "data_dir": "" if data_dir is None else data_dir,
       "features": dict(features) if features is not None else None,
       "pretokenized_key": pretokenized_key})
 

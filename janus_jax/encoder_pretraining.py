@@ -1,0 +1,134 @@
+"""Stage 0 for the understanding encoder: the digits demo's stand-in for SigLIP's pretraining.
+
+Janus starts from a pretrained SigLIP. Offline there is none, so the demo pretrains its small ViT
+(`models.siglip.VisionTransformer`, the model's own `understanding_encoder`) on the training
+digits: its features -> a linear classifier, cross-entropy on the labels, random shifts of
+up to `max_shift` pixels. Only the encoder is kept (the classifier is dropped, as SigLIP's text
+tower is); stage 1 starts from it (`config.init_understanding_encoder_from`).
+
+    metrics = train_encoder(config.model.vision, train_u8, train_labels, test_u8, test_labels,
+                            steps=300, batch_size=64, learning_rate=2e-3, seed=0,
+                            out_dir="runs/digits/understanding_encoder")
+    params["understanding_encoder"] = load_encoder("runs/digits/understanding_encoder")
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+
+from janus_jax.models import siglip
+from janus_jax.vq_training import PARAMS_DIR, as_channels, load_params
+
+
+class Classifier(nn.Module):
+  """The encoder, then a zero-initialised linear head over all its tokens: logits [B, classes].
+
+  Not mean-pooled: the LLM reads the tokens in order, so where a stroke is matters; pooling would
+  make the encoder learn positions from its weakly initialised position embedding first.
+  """
+
+  vision: Any
+  num_classes: int
+
+  @nn.compact
+  def __call__(self, pixels_BxHxWx3: jax.Array) -> jax.Array:
+    features_BxNxW = siglip.VisionTransformer(self.vision, name="encoder")(pixels_BxHxWx3)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(
+        features_BxNxW.reshape(features_BxNxW.shape[0], -1))
+
+
+def _pixels(images_u8_BxHxWxC: jax.Array) -> jax.Array:
+  """uint8 -> RGB float32 in [-1, 1], the understanding processor's normalisation for digits."""
+  x = images_u8_BxHxWxC.astype(jnp.float32) / 127.5 - 1.0
+  return jnp.repeat(x, 3, axis=-1) if x.shape[-1] == 1 else x
+
+
+def _shift(images_BxHxWxC: jax.Array, rng: jax.Array, max_shift: int) -> jax.Array:
+  """Each image translated by its own random offset in [-max_shift, max_shift]^2 (zero fill)."""
+  if max_shift == 0:
+    return images_BxHxWxC
+  b, h, w, _ = images_BxHxWxC.shape
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)))
+  offsets_Bx2 = jax.random.randint(rng, (b, 2), 0, 2 * max_shift + 1)
+  crop = lambda x, o: jax.lax.dynamic_slice(x, (o[0], o[1], 0), (h, w, x.shape[-1]))
+  return jax.vmap(crop)(padded, offsets_Bx2)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "tx", "max_shift"), donate_argnums=0)
+def _train_step(state, images_u8, labels, rng, *, model, tx, max_shift):
+  def loss_fn(params):
+    logits = model.apply({"params": params}, _pixels(_shift(images_u8, rng, max_shift)))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+  loss, grads = jax.value_and_grad(loss_fn)(state["params"])
+  updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+  return {"params": optax.apply_updates(state["params"], updates), "opt_state": opt_state}, loss
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _predict(params, images_u8, *, model):
+  return model.apply({"params": params}, _pixels(images_u8)).argmax(-1)
+
+
+def accuracy(model: Classifier, params: Any, images_u8: np.ndarray, labels: np.ndarray,
+             batch_size: int = 250) -> float:
+  predictions = [np.asarray(_predict(params, images_u8[i:i + batch_size], model=model))
+                 for i in range(0, len(images_u8), batch_size)]
+  return float((np.concatenate(predictions) == labels).mean())
+
+
+def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.ndarray,
+                  labels_train: np.ndarray, images_test: np.ndarray, labels_test: np.ndarray, *,
+                  steps: int, batch_size: int, learning_rate: float, seed: int, out_dir: str,
+                  max_shift: int = 2, num_classes: int = 10) -> dict[str, Any]:
+  """Trains the classifier on uint8 images [N, H, W(, C)] and saves the encoder to out_dir
+  atomically (params/ + metrics.json). Returns held-out accuracy and the seconds spent."""
+  from janus_jax.pretrained import atomic_directory
+
+  t0 = time.time()
+  x_train, x_test = as_channels(images_train), as_channels(images_test)
+  if x_train.shape[1] != vision_config.image_size:
+    raise ValueError(f"images are {x_train.shape[1]} px but the understanding encoder reads "
+                     f"{vision_config.image_size} px (config.model.vision.image_size)")
+  model = Classifier(ml_collections.FrozenConfigDict(vision_config), num_classes)
+  params = model.init(jax.random.key(seed), jnp.zeros((1, *x_train.shape[1:3], 3)))["params"]
+  params = nn.unbox(params)
+  tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1),
+                                                      steps, learning_rate * 0.02),
+                   b1=0.9, b2=0.98, weight_decay=0.05)
+  state = {"params": params, "opt_state": tx.init(params)}
+  rng, key = np.random.default_rng(seed), jax.random.key(seed)
+  losses = []
+  for step in range(1, steps + 1):
+    idx = rng.choice(len(x_train), batch_size, replace=False)
+    state, loss = _train_step(state, jnp.asarray(x_train[idx]), jnp.asarray(labels_train[idx]),
+                              jax.random.fold_in(key, step), model=model, tx=tx,
+                              max_shift=max_shift)
+    losses.append(loss)
+  params = jax.device_get(state["params"])
+  metrics = {"test_accuracy": accuracy(model, params, x_test, np.asarray(labels_test)),
+             "final_train_loss": float(np.mean(jax.device_get(losses[-20:]))),
+             "steps": steps, "batch_size": batch_size, "seconds": time.time() - t0}
+  with atomic_directory(out_dir) as tmp:
+    ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
+        os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(params["encoder"]))
+    with open(os.path.join(tmp, "metrics.json"), "w") as f:
+      json.dump(metrics, f, indent=2)
+  return metrics
+
+
+def load_encoder(out_dir: str) -> Any:
+  """The encoder params (numpy) saved by train_encoder: a Janus's `understanding_encoder`."""
+  return load_params(out_dir, "pretrained understanding encoder")
