@@ -68,7 +68,7 @@ def get_config(arg: str | None = None):
       kind="digits", data_dir=data_dir, image_size=32, seed=0,
       vq_steps=digits.VQ_TRAINING["steps"], vq_batch_size=digits.VQ_TRAINING["batch_size"],
       vq_learning_rate=digits.VQ_TRAINING["learning_rate"],
-      encoder_steps=400, encoder_batch_size=128, encoder_learning_rate=3e-3))
+      encoder_steps=600, encoder_batch_size=128, encoder_learning_rate=3e-3))
   c.init_vq_from = workdir + "/vq"
   c.init_understanding_encoder_from = workdir + "/understanding_encoder"
   if arg == "quick":  # a 128-wide 3-layer LLM (2.5x faster steps), fewer steps everywhere
