@@ -59,8 +59,13 @@ def get_config(arg: str | None = None):
       digits.CHAT, data_dir=data_dir, features=digits.CHAT_FEATURES)
   c.data.sources.text = pipeline.source_config(
       digits.TEXT, data_dir=data_dir, features=digits.TEXT_FEATURES)
+  # Generation reads the captions' VQ ids, stored once after stage 0 (the VQ is frozen), not
+  # the images: no VQ encode per batch.
+  c.init_vq_from = workdir + "/vq"
+  tokens_dir = c.get_ref("init_vq_from") + "/tokens"  # replaced along with a retrained VQ
   c.data.sources.generation = pipeline.source_config(
-      digits.CAPTIONS, data_dir=data_dir, features=digits.CAPTION_FEATURES)
+      digits.CAPTIONS_PRETOKENIZED, data_dir=tokens_dir, features=digits.PRETOKENIZED_FEATURES,
+      pretokenized_key="image_ids")
 
   # Run before the stages: datasets + tokenizer, then stage 0: the VQ and the pretrained
   # understanding encoder, which replace those parts of the random initial model.
@@ -68,8 +73,8 @@ def get_config(arg: str | None = None):
       kind="digits", data_dir=data_dir, image_size=32, seed=0,
       vq_steps=digits.VQ_TRAINING["steps"], vq_batch_size=digits.VQ_TRAINING["batch_size"],
       vq_learning_rate=digits.VQ_TRAINING["learning_rate"],
-      encoder_steps=600, encoder_batch_size=128, encoder_learning_rate=3e-3))
-  c.init_vq_from = workdir + "/vq"
+      encoder_steps=600, encoder_batch_size=128, encoder_learning_rate=3e-3,
+      pretokenize_to=tokens_dir))
   c.init_understanding_encoder_from = workdir + "/understanding_encoder"
   if arg == "quick":  # a 128-wide 3-layer LLM (2.5x faster steps), fewer steps everywhere
     c.model.llm.update(dict(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=4,

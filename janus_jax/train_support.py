@@ -3,6 +3,7 @@ the ways a stage gets its starting params, data wiring, metrics and memory repor
 
 from __future__ import annotations
 
+import glob
 import json
 import math
 import os
@@ -65,15 +66,16 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
 
 def prepare(config: ml_collections.ConfigDict) -> None:
   """config.prepare.kind = "digits": build the digits datasets and tokenizer if missing, then
-  stage 0 for whichever is not there yet: the VQ tokenizer (into config.init_vq_from) and the
-  understanding encoder's pretraining (into config.init_understanding_encoder_from)."""
+  stage 0 for whichever is not there yet: the VQ tokenizer (into config.init_vq_from), the
+  training images' VQ ids (into config.prepare.pretokenize_to, if set) and the understanding
+  encoder's pretraining (into config.init_understanding_encoder_from)."""
   spec = config.get("prepare", None)
   if not spec:
     return
   if spec.kind != "digits":
     raise ValueError(f"config.prepare.kind = {spec.kind!r}: the only built-in preparation is 'digits'")
   from janus_jax import encoder_pretraining, vq_training
-  from janus_jax.data import digits
+  from janus_jax.data import builders, digits
 
   t0 = time.perf_counter()
   digits.prepare(spec.data_dir, config.tokenizer, image_size=spec.image_size, seed=spec.seed)
@@ -88,6 +90,16 @@ def prepare(config: ml_collections.ConfigDict) -> None:
                                    out_dir=config.init_vq_from)
     print(f"stage0 VQ done in {metrics['total_seconds']:.0f} s: held-out PSNR "
           f"{metrics['psnr']:.1f} dB, codebook usage {metrics['codebook_usage']:.0%}")
+  tokens_dir = spec.get("pretokenize_to", "")
+  built = glob.glob(os.path.join(tokens_dir, digits.CAPTIONS_PRETOKENIZED, "[0-9]*", "dataset_info.json"))
+  if tokens_dir and not built:  # ("incomplete.*" folders of an interrupted build do not count)
+    t0 = time.perf_counter()  # the VQ is frozen from here on: encode every training image once
+    vq_encode = make_vq_encoder(janus_lib.build(config.model),
+                                {"generation_tokenizer": vq_training.load_vq(config.init_vq_from)})
+    builders.pretokenize_captions(
+        digits.CAPTIONS, spec.data_dir, tokens_dir, vq_encode, gen_image_size=spec.image_size,
+        num_tokens=config.data.num_image_tokens_gen, config_name=digits.PRETOKENIZED_CONFIG)
+    print(f"stage0 VQ ids of the training images in {time.perf_counter() - t0:.1f} s: {tokens_dir}")
   encoder_dir = config.get("init_understanding_encoder_from", "")
   if encoder_dir and not os.path.isdir(os.path.join(encoder_dir, vq_training.PARAMS_DIR)):
     print(f"=== stage0: understanding encoder pretraining, {spec.encoder_steps} steps")

@@ -139,6 +139,24 @@ def test_understanding_layout(env):
   assert any("And the second?" in d for d in decoded)  # the multi-turn one was checked
 
 
+def test_understanding_random_shift(env):
+  """und_max_shift moves each understanding image by its own offset in [-2, 2]^2, edges repeated;
+  the tokens are untouched."""
+  def first(**kw):
+    return rows(env.pipeline((1, 0, 0), shuffle=False, pack=False, **kw), 8)
+  plain, shifted = first(), first(und_max_shift=2)
+  offsets = set()
+  for a, b in zip(plain, shifted):
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    for j in np.flatnonzero(a["image_valid"]):
+      padded = np.pad(a["pixels"][j], ((2, 2), (2, 2), (0, 0)), "edge")
+      match = [(dy, dx) for dy in range(5) for dx in range(5)
+               if np.array_equal(padded[dy:dy + SIZE, dx:dx + SIZE], b["pixels"][j])]
+      assert match, "not a shifted copy of the image"
+      offsets.add(match[0])
+  assert len(offsets) > 2  # random offsets, not one fixed move
+
+
 def test_understanding_from_caption_pairs(env):
   c = env.config(shuffle=False, pack=False, caption_prompt="What is shown?", system_prompt="")
   c.sources.understanding = dict(name=env.names["captions"], data_dir=str(env.data_dir),
@@ -285,7 +303,8 @@ def test_determinism(env):
 
 def test_resume_from_state(env, tmp_path):
   def make():
-    return env.pipeline((1, 1, 1), batch_size=2, pack=True, cfg_drop=0.5, read_threads=2)
+    return env.pipeline((1, 1, 1), batch_size=2, pack=True, cfg_drop=0.5, read_threads=2,
+                        und_max_shift=1)
   it = make()
   for _ in range(5):
     next(it)
@@ -320,30 +339,33 @@ def test_sharding(env):
 
 
 def test_pretokenized_generation(env, tmp_path):
-  class PretokCaptions(tfds.core.GeneratorBasedBuilder):
-    VERSION = tfds.core.Version("1.0.0")
-    code_path = None  # defined in a test, no checksums to look up
+  """pretokenize_captions + pretokenized_key give exactly the batches of the per-batch image
+  tokenizer (same order, same CFG drops), with the last, partial VQ batch padded."""
+  n = len(env.source("captions"))
+  assert n % 5, "the test wants a partial last batch"
+  name = builders.pretokenize_captions(env.names["captions"], env.data_dir, tmp_path,
+                                       fake_image_tokenizer, gen_image_size=SIZE,
+                                       num_tokens=N_GEN, batch_size=5, config_name="t")
+  assert name == "pretokenized_captions/t"
+  stored = tfds.data_source(name, split="train", data_dir=str(tmp_path))
+  assert len(stored) == n and stored[0]["image_ids"].dtype == np.int32
 
-    def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "caption": tfds.features.Text(),
-          "vq": tfds.features.Tensor(shape=(N_GEN,), dtype=np.int32)}))
+  def batches(pretokenized):
+    c = env.config(cfg_drop=0.5)
+    if pretokenized:
+      c.sources.generation = dict(name=name, data_dir=str(tmp_path),
+                                  features={"caption": "caption"}, pretokenized_key="image_ids")
+    it = make_pipeline(c, env.tok, FAMILY, seed=0, mixture=(1, 1, 2), batch_size=2,
+                       image_tokenizer=None if pretokenized else fake_image_tokenizer)
+    return [next(it) for _ in range(4)]
+  for a, b in zip(batches(False), batches(True)):
+    assert all(np.array_equal(a[k], b[k]) for k in KEYS)
 
-    def _split_generators(self, dl_manager):
-      return {"train": self._generate_examples()}
-
-    def _generate_examples(self):
-      for i in range(4):
-        yield i, {"caption": CAPTIONS[i], "vq": np.arange(N_GEN, dtype=np.int32) + 10 * i}
-
-  PretokCaptions(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
-  c = env.config(pack=False)
-  c.sources.generation = dict(name="pretok_captions", data_dir=str(tmp_path),
-                              features={"caption": "caption"}, pretokenized_key="vq")
-  it = make_pipeline(c, env.tok, FAMILY, seed=0, mixture=(0, 0, 1), batch_size=4)
-  for row in rows(it, 4):
-    ids = row["input_ids"][row["image_token_mask"]]
-    assert ids[0] % 10 == 0 and (ids == ids[0] + np.arange(N_GEN)).all()
+  with pytest.raises(KeyError, match="no feature 'picture'"):
+    builders.pretokenize_captions(env.names["captions"], env.data_dir, tmp_path / "x",
+                                  fake_image_tokenizer, gen_image_size=SIZE, num_tokens=N_GEN,
+                                  image_key="picture")
+  assert not list(tmp_path.glob("x/*/*/[0-9]*/dataset_info.json"))  # nothing half-built to read
 
 
 # ------------------------------------------------------------------------------ errors

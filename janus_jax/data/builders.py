@@ -12,6 +12,10 @@ Three builders, each reading a source folder (or file) named by its `FolderConfi
 * `TextFiles`: every `*.txt` under a folder -> feature `text`, one example per non-empty line
   (`split_by="line"`) or per blank-line-separated paragraph (`split_by="paragraph"`).
 
+`pretokenize_captions` turns a built image-caption dataset into {caption, image_ids}: every image
+through the (frozen) generation tokenizer once, so training reads ids (the pipeline's
+`pretokenized_key`) instead of running the VQ encoder on every batch.
+
 Images are stored as their encoded bytes (PNG/JPEG files unchanged; anything else or non-RGB
 re-encoded as RGB PNG with PIL), never as numpy through tfds' encoder, which needs TensorFlow.
 Everything goes into one "train" split. Build, then read by name:
@@ -27,10 +31,11 @@ import inspect
 import io
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
 
@@ -222,4 +227,83 @@ def build(builder_cls: type[_FolderBuilder], source: str | os.PathLike, data_dir
   `"{builder name}/{config_name}"`. kwargs go to the builder (e.g. split_by="paragraph")."""
   builder = builder_cls(source, config_name=config_name, data_dir=os.fspath(data_dir), **kwargs)
   builder.download_and_prepare()
+  return f"{builder.name}/{config_name}"
+
+
+# ------------------------------------------------------------------------------ pretokenizing
+
+class PretokenizedCaptions(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+  """{caption, image_ids int32 [N]}: a caption dataset with its images as generation-tokenizer
+  ids. Built by `pretokenize_captions`; read by name like the others."""
+
+  VERSION = tfds.core.Version("1.0.0")
+
+  @tfds.core.utils.classproperty
+  @classmethod
+  def code_path(cls) -> Path:
+    return Path(inspect.getfile(cls))
+
+  def __init__(self, examples: Callable[[str], Iterator[dict[str, Any]]] | None = None, *,
+               splits: Sequence[str] = ("train",), num_tokens: int = 0,
+               config_name: str = "default", **kwargs: Any):
+    self._examples, self._splits, self._num_tokens = examples, tuple(splits), num_tokens
+    kwargs["config"] = tfds.core.BuilderConfig(name=config_name)
+    super().__init__(file_format="array_record", **kwargs)
+
+  def _info(self) -> tfds.core.DatasetInfo:
+    return tfds.core.DatasetInfo(
+        # disable_shuffling: kept in the source's order (tfds shuffles on write otherwise).
+        builder=self, description="Captions with their images' generation-tokenizer ids.",
+        disable_shuffling=True,
+        features=tfds.features.FeaturesDict({
+            "caption": tfds.features.Text(),
+            "image_ids": tfds.features.Tensor(shape=(self._num_tokens,), dtype=np.int32)}))
+
+  def _split_generators(self, dl_manager: Any) -> dict[str, Any]:
+    del dl_manager
+    return {split: self._generate_examples(split) for split in self._splits}
+
+  def _generate_examples(self, split: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    for i, ex in enumerate(self._examples(split)):
+      yield f"{i}", ex
+
+
+def pretokenize_captions(name: str, data_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                         image_tokenizer: Callable[[np.ndarray], np.ndarray], *,
+                         gen_image_size: int, num_tokens: int, splits: Sequence[str] = ("train",),
+                         image_key: str = "image", caption_key: str = "caption",
+                         batch_size: int = 64, config_name: str = "default") -> str:
+  """Builds `pretokenized_captions/{config_name}` into out_dir from the caption dataset `name`
+  in data_dir and returns its name; a dataset already built there is kept.
+
+  Images go through the pipeline's generation crop (`gen_image_size`), then `image_tokenizer`
+  (pixels [batch_size, G, G, 3] in [-1, 1] -> ids [batch_size, num_tokens]; the last batch is
+  padded to that fixed shape). The examples keep their order; read them with
+  `source_config(name, data_dir=out_dir, features={"caption": "caption"},
+  pretokenized_key="image_ids")`. tfds writes into an `.incomplete` folder and renames it when
+  done, so an interrupted build is redone, never read half-written."""
+  from janus_jax.data import transforms  # pylint: disable=import-outside-toplevel
+
+  def examples(split: str) -> Iterator[dict[str, Any]]:
+    src = tfds.data_source(name, split=split, data_dir=os.fspath(data_dir), download=False)
+    for start in range(0, len(src), batch_size):
+      rows = [src[i] for i in range(start, min(start + batch_size, len(src)))]
+      for key in (image_key, caption_key):
+        if key not in rows[0]:
+          raise KeyError(f"dataset {name!r} in {data_dir} has no feature {key!r}; it has "
+                         f"{sorted(rows[0])}")
+      pixels = np.stack([transforms.crop_image(transforms.as_image(r[image_key]), gen_image_size)
+                         for r in rows])
+      padded = np.concatenate([pixels, np.repeat(pixels[-1:], batch_size - len(rows), 0)])
+      ids = np.asarray(image_tokenizer(padded))
+      if ids.shape != (batch_size, num_tokens):
+        raise ValueError(f"image_tokenizer returned shape {ids.shape} for {batch_size} images; "
+                         f"expected ({batch_size}, {num_tokens}) (num_tokens)")
+      for r, row_ids in zip(rows, ids):
+        yield {"caption": transforms.as_text(r[caption_key]), "image_ids": row_ids.astype(np.int32)}
+
+  builder = PretokenizedCaptions(examples, splits=splits, num_tokens=num_tokens,
+                                 config_name=config_name, data_dir=os.fspath(out_dir))
+  if not builder.is_prepared():
+    builder.download_and_prepare()
   return f"{builder.name}/{config_name}"

@@ -39,6 +39,10 @@ from janus_jax.tokenizer import IMAGE_TAG, SP_SPECIALS, train_sentencepiece
 
 NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 CAPTIONS, CHAT, TEXT = "digits_captions", "digits_chat", "digits_text"
+# The captions with VQ ids instead of images (builders.pretokenize_captions, after stage 0).
+PRETOKENIZED_CONFIG = "digits"
+CAPTIONS_PRETOKENIZED = f"pretokenized_captions/{PRETOKENIZED_CONFIG}"
+PRETOKENIZED_FEATURES = {"caption": "caption"}
 # Feature maps for `pipeline.source_config(..., features=...)`.
 CAPTION_FEATURES = {"image": "image", "caption": "caption"}
 CHAT_FEATURES = {"messages": "messages", "images": "images"}

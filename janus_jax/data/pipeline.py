@@ -18,6 +18,8 @@ Data config (`default_config()`; missing fields take these defaults):
   num_image_tokens_gen 576   N, VQ tokens per generated image
   system_prompt None         None: processing.SYSTEM_PROMPT ("" for none)
   caption_prompt "Describe this image in detail."  the question for image-caption und. data
+  und_max_shift 0            augmentation: understanding images move by a random offset of up to
+                             this many pixels each way (edges repeated); 0 = off
   shuffle True               shuffle each source (reshuffled every epoch); sources repeat forever
   vq_batch 16                images per image_tokenizer call (a fixed shape)
   read_threads 4, prefetch 16   grain ReadOptions per source (0 threads: read inline)
@@ -75,7 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
       "seq_len": 4096, "pack": True, "max_images_per_row": 4, "cfg_drop": 0.1,
       "image_size": 384, "gen_image_size": 384, "num_image_tokens_und": 576,
       "num_image_tokens_gen": 576, "system_prompt": None,
-      "caption_prompt": "Describe this image in detail.", "shuffle": True, "vq_batch": 16,
+      "caption_prompt": "Describe this image in detail.", "und_max_shift": 0, "shuffle": True,
+      "vq_batch": 16,
       "read_threads": 4, "prefetch": 16, "sources": ml_collections.ConfigDict()})
 
 
@@ -223,15 +226,17 @@ def _task_transform(task: str, keys: dict[str, str | None], pretokenized: str | 
   if task == "text":
     return lambda i, ex: transforms.text_example(transforms.as_text(ex[keys["text"]]), layout)
   if task == "understanding":
-    if keys.get("messages"):
-      def chat(i: int, ex: Any) -> transforms.Example:
+    def chat(i: int, ex: Any) -> transforms.Example:
+      rng = np.random.default_rng([*rng_parts, i])  # per example: the same at every resume
+      if keys.get("messages"):
+        messages = transforms.as_messages(ex[keys["messages"]])
         images = list(ex[keys["images"]]) if keys.get("images") else []
-        return transforms.chat_example(transforms.as_messages(ex[keys["messages"]]), images,
-                                       layout, where)
-      return chat
-    return lambda i, ex: transforms.chat_example(
-        transforms.caption_chat(transforms.as_text(ex[keys["caption"]]), layout.caption_prompt),
-        [ex[keys["image"]]], layout, where)
+      else:
+        messages = transforms.caption_chat(transforms.as_text(ex[keys["caption"]]),
+                                           layout.caption_prompt)
+        images = [ex[keys["image"]]]
+      return transforms.chat_example(messages, images, layout, where, rng)
+    return chat
 
   def generation(i: int, ex: Any) -> transforms.Example:
     rng = np.random.default_rng([*rng_parts, i])  # per example: the same at every resume
@@ -319,7 +324,8 @@ def make_dataset(data_config: Any, tokenizer: Tokenizer, family: str, *, seed: i
       num_image_tokens_und=int(_get(c, "num_image_tokens_und", 576)),
       num_image_tokens_gen=int(_get(c, "num_image_tokens_gen", 576)),
       cfg_drop=float(_get(c, "cfg_drop", 0.1)), system_prompt=system,
-      caption_prompt=_get(c, "caption_prompt", "Describe this image in detail."))
+      caption_prompt=_get(c, "caption_prompt", "Describe this image in detail."),
+      und_max_shift=int(_get(c, "und_max_shift", 0)))
   if family not in processing.ROLES:
     raise ValueError(f"unknown family {family!r}; expected one of {sorted(processing.ROLES)}")
   weights = _weights(mixture)

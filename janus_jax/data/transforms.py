@@ -48,6 +48,7 @@ class Layout:
   cfg_drop: float
   system_prompt: str
   caption_prompt: str
+  und_max_shift: int = 0
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -149,9 +150,10 @@ def chat_pieces(messages: list[dict[str, str]], family: str,
 
 
 def chat_example(messages: list[dict[str, str]], images: Sequence[Any], layout: Layout,
-                 where: str = "") -> Example:
+                 where: str = "", rng: np.random.Generator | None = None) -> Example:
   """Chat template (system prompt, placeholders expanded to BOI + N x placeholder + EOI), loss
-  on each assistant answer and its EOS; `{}` when it cannot fit (see the module docstring)."""
+  on each assistant answer and its EOS; `{}` when it cannot fit (see the module docstring).
+  With layout.und_max_shift > 0, each image moves by a random offset drawn from `rng`."""
   tok = layout.tokenizer
   if len(images) > layout.max_images:
     return {}
@@ -189,7 +191,20 @@ def chat_example(messages: list[dict[str, str]], images: Sequence[Any], layout: 
   s = layout.image_size
   pixels = np.stack([processing.preprocess_image(as_image(im), s) for im in images]) if images \
       else _no_pixels(layout)
+  if images and layout.und_max_shift:
+    if rng is None:
+      raise ValueError("und_max_shift needs an rng")
+    pixels = np.stack([random_shift(p, layout.und_max_shift, rng) for p in pixels])
   return _example(ids, loss, UNDERSTANDING, pixels.astype(np.float32))
+
+
+def random_shift(pixels_SxSxC: np.ndarray, max_shift: int, rng: np.random.Generator) -> np.ndarray:
+  """The image moved by (dy, dx), each uniform in [-max_shift, max_shift], its edges repeated
+  into the uncovered border (pad-and-crop augmentation)."""
+  s = pixels_SxSxC.shape[0]
+  padded = np.pad(pixels_SxSxC, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)), "edge")
+  dy, dx = rng.integers(0, 2 * max_shift + 1, size=2)
+  return padded[dy:dy + s, dx:dx + s]
 
 
 def caption_chat(caption: str, prompt: str) -> list[dict[str, str]]:
