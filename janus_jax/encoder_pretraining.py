@@ -2,7 +2,7 @@
 
 Janus starts from a pretrained SigLIP. Offline there is none, so the demo pretrains its small ViT
 (`models.siglip.VisionTransformer`, the model's own `understanding_encoder`) on the training
-digits: its features -> a linear classifier, cross-entropy on the labels, random shifts of
+digits: its tokens -> attention pooling -> a linear classifier, cross-entropy on the labels, random shifts of
 up to `max_shift` pixels. Only the encoder is kept (the classifier is dropped, as SigLIP's text
 tower is); stage 1 starts from it (`config.init_understanding_encoder_from`).
 
@@ -32,21 +32,36 @@ from janus_jax.models import siglip
 from janus_jax.vq_training import PARAMS_DIR, as_channels, load_params
 
 
-class Classifier(nn.Module):
-  """The encoder, then a zero-initialised linear head over all its tokens: logits [B, classes].
+HEADS = ("map", "flatten")
 
-  Not mean-pooled: the LLM reads the tokens in order, so where a stroke is matters; pooling would
-  make the encoder learn positions from its weakly initialised position embedding first.
+
+class Classifier(nn.Module):
+  """The encoder, then a head -> logits [B, classes]. `head`:
+
+  "map": SigLIP's kind of head, one learned query attending over the tokens (multihead attention
+    pooling), then a zero-initialised linear layer. The LLM reads these features fast: after 300
+    stage-2 steps of the full demo, 86.8 % understanding against 57.6 % from "flatten". Slow to
+    start (45 % after 150 steps of 64; 95.6 % after 600 of 128).
+  "flatten": a zero-initialised linear layer over all the tokens. Learns fast (91 % after 150
+    steps of 64; 97.2 % after 600 of 128) but puts the evidence in position-specific codes that
+    the LLM's position-agnostic value projections read slowly. For short runs.
   """
 
   vision: Any
   num_classes: int
+  head: str = "map"
 
   @nn.compact
   def __call__(self, pixels_BxHxWx3: jax.Array) -> jax.Array:
     features_BxNxW = siglip.VisionTransformer(self.vision, name="encoder")(pixels_BxHxWx3)
-    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(
-        features_BxNxW.reshape(features_BxNxW.shape[0], -1))
+    b, _, w = features_BxNxW.shape
+    if self.head == "map":
+      probe_1x1xW = self.param("probe", nn.initializers.normal(0.02), (1, 1, w))
+      pooled = nn.MultiHeadDotProductAttention(self.vision.num_heads, name="pool")(
+          jnp.broadcast_to(probe_1x1xW, (b, 1, w)), features_BxNxW)[:, 0]
+    else:
+      pooled = features_BxNxW.reshape(b, -1)
+    return nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros, name="head")(pooled)
 
 
 def _pixels(images_u8_BxHxWxC: jax.Array) -> jax.Array:
@@ -92,9 +107,10 @@ def accuracy(model: Classifier, params: Any, images_u8: np.ndarray, labels: np.n
 def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.ndarray,
                   labels_train: np.ndarray, images_test: np.ndarray, labels_test: np.ndarray, *,
                   steps: int, batch_size: int, learning_rate: float, seed: int, out_dir: str,
-                  max_shift: int = 2, num_classes: int = 10) -> dict[str, Any]:
-  """Trains the classifier on uint8 images [N, H, W(, C)] and saves the encoder to out_dir
-  atomically (params/ + metrics.json). Returns held-out accuracy and the seconds spent."""
+                  max_shift: int = 2, num_classes: int = 10, head: str = "map") -> dict[str, Any]:
+  """Trains the classifier (`head`: see Classifier) on uint8 images [N, H, W(, C)] and saves the
+  encoder to out_dir atomically (params/ + metrics.json). Returns held-out accuracy and the
+  seconds spent."""
   from janus_jax.pretrained import atomic_directory
 
   t0 = time.time()
@@ -102,7 +118,9 @@ def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.nda
   if x_train.shape[1] != vision_config.image_size:
     raise ValueError(f"images are {x_train.shape[1]} px but the understanding encoder reads "
                      f"{vision_config.image_size} px (config.model.vision.image_size)")
-  model = Classifier(ml_collections.FrozenConfigDict(vision_config), num_classes)
+  if head not in HEADS:
+    raise ValueError(f"encoder pretraining head {head!r}: expected one of {HEADS}")
+  model = Classifier(ml_collections.FrozenConfigDict(vision_config), num_classes, head)
   params = model.init(jax.random.key(seed), jnp.zeros((1, *x_train.shape[1:3], 3)))["params"]
   params = nn.unbox(params)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1),
@@ -120,7 +138,7 @@ def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.nda
   params = jax.device_get(state["params"])
   metrics = {"test_accuracy": accuracy(model, params, x_test, np.asarray(labels_test)),
              "final_train_loss": float(np.mean(jax.device_get(losses[-20:]))),
-             "steps": steps, "batch_size": batch_size, "seconds": time.time() - t0}
+             "steps": steps, "batch_size": batch_size, "head": head, "seconds": time.time() - t0}
   with atomic_directory(out_dir) as tmp:
     ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
         os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(params["encoder"]))
