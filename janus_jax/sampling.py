@@ -195,20 +195,20 @@ def _default_unroll(unroll_layers: bool | None) -> bool:
 
 def _decoder(model: Janus, params: Any, unroll: bool):
   """The trunk for decode steps, `(x [B, 1, D], slot_valid [B, S], positions [B], cache) ->
-  (hidden [B, D], cache)`; `unroll`: llm.decode_fused instead of the layer scan.
+  (hidden [B, D], cache)`; `unroll`: llm.decode_unrolled instead of the layer scan.
 
-  Call it outside the token loop: with `unroll` the layer params are split and fused here, once.
+  Call it outside the token loop: with `unroll` the layer params are split here, once.
   """
   if not unroll:
     return lambda *args: _apply(model, params, _step, *args)
   c, decoder = model.config, params["llm"]["decoder"]
-  dtype = janus_lib._dtype(c.dtype)
-  layers = llm.fuse_layers(decoder["layers"], dtype)
+  layers = llm.split_layers(decoder["layers"])
+  dtypes = janus_lib._dtype(c.dtype), janus_lib._dtype(c.param_dtype)
 
   def step(x_Bx1xD, slot_valid_BxS, positions_B, cache):
-    hidden, cache = llm.decode_fused(c.llm, dtype, layers, decoder["norm"]["scale"], x_Bx1xD,
-                                     positions_B[:, None],
-                                     llm.cache_mask(slot_valid_BxS, cache.index, 1), cache)
+    hidden, cache = llm.decode_unrolled(c.llm, *dtypes, layers, decoder["norm"], x_Bx1xD,
+                                        positions_B[:, None],
+                                        llm.cache_mask(slot_valid_BxS, cache.index, 1), cache)
     return hidden[:, 0], cache
   return step
 

@@ -61,13 +61,9 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param("scale", param_with_axes(nn.initializers.ones, ("norm",)), (x.shape[-1],),
                        self.param_dtype)
-    return rms_norm(x, scale, self.eps)
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-  x32 = x.astype(jnp.float32)
-  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
-  return scale.astype(x.dtype) * normed.astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def rotary_embedding(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
@@ -80,43 +76,6 @@ def rotary_embedding(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: floa
   x1, x2 = jnp.split(x_BxTxNxH, 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x_BxTxNxH * cos + rotated * sin).astype(x_BxTxNxH.dtype)
-
-
-def attend(q_BxTxNxH: jax.Array, k_BxTxKxH: jax.Array, v_BxTxKxH: jax.Array,
-           positions_BxT: jax.Array, mask_BxTxS: jax.Array, kv_cache: Any, cache_index: Any,
-           rope_theta: float, dtype: Dtype) -> tuple[jax.Array, Any]:
-  """RoPE, the cache write and grouped-query attention after the q/k/v projections.
-
-  kv_cache: None (attend over these T keys) or (k, v, layer) with the whole stack's
-  [layers, B, K, S, H] arrays: this layer's T new slots are written at cache_index and all S read.
-  Returns (out [B, T, N, H], (k, v) or None).
-  """
-  q_BxTxNxH = rotary_embedding(q_BxTxNxH, positions_BxT, rope_theta)
-  k_BxTxKxH = rotary_embedding(k_BxTxKxH, positions_BxT, rope_theta)
-  k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
-  v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
-  if kv_cache is not None:
-    # The whole stack rides in the layer-scan carry: writing this layer's new slots in place
-    # and slicing the layer out for reading keeps the cache from being copied every layer.
-    cache_k, cache_v, layer = kv_cache
-    start = (layer, 0, 0, cache_index, 0)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxH[None].astype(cache_k.dtype), start)
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxH[None].astype(cache_v.dtype), start)
-    k_BxKxSxH = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
-    v_BxKxSxH = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
-    new_cache = (cache_k, cache_v)
-  else:
-    k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
-
-  b, t, num_heads, head_dim = q_BxTxNxH.shape
-  num_kv_heads = k_BxKxSxH.shape[1]
-  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, num_kv_heads, num_heads // num_kv_heads, head_dim)
-  logits = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH.astype(dtype),
-                      preferred_element_type=jnp.float32) * head_dim**-0.5
-  logits = jnp.where(mask_BxTxS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
-  out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH.astype(dtype))
-  return out_BxTxKxGxH.reshape(b, t, num_heads, head_dim), new_cache
 
 
 class Attention(nn.Module):
@@ -135,8 +94,33 @@ class Attention(nn.Module):
     q_BxTxNxH = dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), "q_proj")(x_BxTxD)
     k_BxTxKxH = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj")(x_BxTxD)
     v_BxTxKxH = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj")(x_BxTxD)
-    out_BxTxNxH, new_cache = attend(q_BxTxNxH, k_BxTxKxH, v_BxTxKxH, positions_BxT, mask_BxTxS,
-                                    kv_cache, cache_index, self.rope_theta, self.dtype)
+    q_BxTxNxH = rotary_embedding(q_BxTxNxH, positions_BxT, self.rope_theta)
+    k_BxTxKxH = rotary_embedding(k_BxTxKxH, positions_BxT, self.rope_theta)
+
+    k_BxKxTxH = k_BxTxKxH.transpose(0, 2, 1, 3)
+    v_BxKxTxH = v_BxTxKxH.transpose(0, 2, 1, 3)
+    if kv_cache is not None:
+      # The whole stack rides in the layer-scan carry: writing this layer's new slots in place
+      # and slicing the layer out for reading keeps the cache from being copied every layer.
+      cache_k, cache_v, layer = kv_cache
+      start = (layer, 0, 0, cache_index, 0)
+      cache_k = jax.lax.dynamic_update_slice(cache_k, k_BxKxTxH[None].astype(cache_k.dtype), start)
+      cache_v = jax.lax.dynamic_update_slice(cache_v, v_BxKxTxH[None].astype(cache_v.dtype), start)
+      k_BxKxSxH = jax.lax.dynamic_index_in_dim(cache_k, layer, 0, keepdims=False)
+      v_BxKxSxH = jax.lax.dynamic_index_in_dim(cache_v, layer, 0, keepdims=False)
+      new_cache = (cache_k, cache_v)
+    else:
+      k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
+
+    b, t, _, _ = q_BxTxNxH.shape
+    groups = self.num_heads // self.num_kv_heads
+    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
+    logits = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH.astype(self.dtype),
+                        preferred_element_type=jnp.float32) * self.head_dim**-0.5
+    logits = jnp.where(mask_BxTxS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH.astype(self.dtype))
+    out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, self.num_heads, self.head_dim)
     out = nn.DenseGeneral(x_BxTxD.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                           param_dtype=self.param_dtype,
                           kernel_init=param_with_axes(default_kernel_init, ("heads", "head_dim", "embed")),
@@ -231,55 +215,30 @@ class DecoderStack(nn.Module):
     return x_BxTxD, cache
 
 
-def fuse_layers(stacked_params: Any, dtype: Dtype) -> list[dict[str, jax.Array]]:
-  """The scanned stack's params as one dict per layer, matmul weights cast to `dtype` and fused:
-  `qkv` [D, (N + 2K) * H] (q, k, v kernels side by side), `o` [N * H, D], `gate_up` [D, 2F],
-  `down` [F, D], plus the two norm scales. For `decode_fused`."""
+def split_layers(stacked_params: Any) -> list[Any]:
+  """The scanned stack's params ([layers, ...] leaves) as one tree per layer."""
   num_layers = jax.tree.leaves(stacked_params)[0].shape[0]
-  layers = []
-  for i in range(num_layers):
-    p = jax.tree.map(lambda a, i=i: a[i], stacked_params)
-    attn, mlp = p["self_attn"], p["mlp"]
-    d = attn["q_proj"]["kernel"].shape[0]
-    flat = lambda name: attn[name]["kernel"].reshape(d, -1)  # noqa: E731
-    layers.append({
-        "qkv": jnp.concatenate([flat("q_proj"), flat("k_proj"), flat("v_proj")], 1).astype(dtype),
-        "o": attn["o_proj"]["kernel"].reshape(-1, d).astype(dtype),
-        "gate_up": jnp.concatenate([mlp["gate_proj"]["kernel"], mlp["up_proj"]["kernel"]],
-                                   1).astype(dtype),
-        "down": mlp["down_proj"]["kernel"].astype(dtype),
-        "input_norm": p["input_layernorm"]["scale"],
-        "post_norm": p["post_attention_layernorm"]["scale"]})
-  return layers
+  return [jax.tree.map(lambda a, i=i: a[i], stacked_params) for i in range(num_layers)]
 
 
-def decode_fused(config: Any, dtype: Dtype, layers: list[dict[str, jax.Array]], norm_scale: jax.Array,
-                 x_BxTxD: jax.Array, positions_BxT: jax.Array, mask_BxTxS: jax.Array,
-                 cache: KVCache) -> tuple[jax.Array, KVCache]:
-  """DecoderStack's forward (cache required) as a Python loop over `fuse_layers`' weights.
+def decode_unrolled(config: Any, dtype: Dtype, param_dtype: Dtype, layer_params: list[Any],
+                    norm_params: Any, x_BxTxD: jax.Array, positions_BxT: jax.Array,
+                    mask_BxTxS: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
+  """DecoderStack's forward (cache required) as a Python loop over per-layer params.
 
   For token-by-token decoding where reading weights bounds the step (CPUs): the layer scan slices
   each layer out of the stacked params every step, and XLA:CPU copies that slice before its
-  matmuls (a dynamic slice cannot feed a dot directly), doubling the bytes moved per step. With the
-  params split (and fused, and cast) once per generate call, every matmul reads its weights in
-  place, and a layer runs 4 matmuls instead of 7 (fewer, wider dots stream weights faster).
+  matmuls (a dynamic slice cannot feed a dot directly), doubling the bytes moved per step. Split
+  the params once per generate call (`split_layers`) and unroll here: every matmul then reads its
+  weights in place.
   """
-  c = config
-  n_q, n_kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  layer = DecoderLayer(config, dtype, param_dtype)
   x_BxTxD, k, v = x_BxTxD.astype(dtype), cache.k, cache.v
-  b, t, _ = x_BxTxD.shape
-  for i, p in enumerate(layers):
-    qkv = rms_norm(x_BxTxD, p["input_norm"], c.rms_norm_eps) @ p["qkv"]
-    q, kk, vv = jnp.split(qkv, [n_q, n_q + n_kv], axis=-1)
-    out_BxTxNxH, (k, v) = attend(
-        q.reshape(b, t, c.num_heads, c.head_dim), kk.reshape(b, t, c.num_kv_heads, c.head_dim),
-        vv.reshape(b, t, c.num_kv_heads, c.head_dim), positions_BxT, mask_BxTxS, (k, v, i),
-        cache.index, c.rope_theta, dtype)
-    h = x_BxTxD + out_BxTxNxH.reshape(b, t, n_q) @ p["o"]
-    gate, up = jnp.split(rms_norm(h, p["post_norm"], c.rms_norm_eps) @ p["gate_up"], 2, axis=-1)
-    x_BxTxD = h + (nn.silu(gate) * up) @ p["down"]
-  x_BxTxD = rms_norm(x_BxTxD, norm_scale, c.rms_norm_eps)
-  return x_BxTxD, KVCache(k, v, cache.index + t)
+  for i, params in enumerate(layer_params):
+    (x_BxTxD, k, v), _ = layer.apply({"params": params}, (x_BxTxD, k, v), i,
+                                     positions_BxT, mask_BxTxS, cache.index)
+  x_BxTxD = RMSNorm(config.rms_norm_eps, param_dtype).apply({"params": norm_params}, x_BxTxD)
+  return x_BxTxD, KVCache(k, v, cache.index + x_BxTxD.shape[1])
 
 
 def causal_mask(valid_BxT: jax.Array) -> jax.Array:
