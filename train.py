@@ -112,7 +112,8 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
       donate_argnums=0)
   t0 = time.perf_counter()
   with mesh, sharding.axis_rules():
-    compiled = step_fn.lower(abstract_state, training.abstract_batch(config, stage.batch_size)).compile()
+    compiled = step_fn.lower(abstract_state, training.abstract_batch(config, stage.batch_size)
+                             ).compile(compiler_options=dict(config.get("compiler_options", {})) or None)
   print(f"compiled the {name} step in {time.perf_counter() - t0:.1f} s; "
         + support.memory_report(compiled))
   flops = training.flops_per_step(config, stage.batch_size, trainable)
