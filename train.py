@@ -99,7 +99,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
     return state.params
 
   # --- data ------------------------------------------------------------------------------------
-  vq_encode = support.make_vq_encoder(model, state.params)
+  vq_encode = support.make_vq_encoder(model, state.params, support.compiler_options(config))
   data = support.make_data(config, stage, tokenizer, vq_encode, data_state)
   batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim)
                      for k, v in training.abstract_batch(config, stage.batch_size).items()}
@@ -113,7 +113,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   t0 = time.perf_counter()
   with mesh, sharding.axis_rules():
     compiled = step_fn.lower(abstract_state, training.abstract_batch(config, stage.batch_size)
-                             ).compile(compiler_options=dict(config.get("compiler_options", {})) or None)
+                             ).compile(compiler_options=support.compiler_options(config))
   print(f"compiled the {name} step in {time.perf_counter() - t0:.1f} s; "
         + support.memory_report(compiled))
   flops = training.flops_per_step(config, stage.batch_size, trainable)

@@ -81,7 +81,6 @@ def _shift(images_BxHxWxC: jax.Array, rng: jax.Array, max_shift: int) -> jax.Arr
   return jax.vmap(crop)(padded, offsets_Bx2)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tx", "max_shift"), donate_argnums=0)
 def _train_step(state, images_u8, labels, rng, *, model, tx, max_shift):
   def loss_fn(params):
     logits = model.apply({"params": params}, _pixels(_shift(images_u8, rng, max_shift)))
@@ -107,10 +106,11 @@ def accuracy(model: Classifier, params: Any, images_u8: np.ndarray, labels: np.n
 def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.ndarray,
                   labels_train: np.ndarray, images_test: np.ndarray, labels_test: np.ndarray, *,
                   steps: int, batch_size: int, learning_rate: float, seed: int, out_dir: str,
-                  max_shift: int = 2, num_classes: int = 10, head: str = "map") -> dict[str, Any]:
+                  max_shift: int = 2, num_classes: int = 10, head: str = "map",
+                  compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains the classifier (`head`: see Classifier) on uint8 images [N, H, W(, C)] and saves the
-  encoder to out_dir atomically (params/ + metrics.json). Returns held-out accuracy and the
-  seconds spent."""
+  encoder to out_dir atomically (params/ + metrics.json). compiler_options: XLA options for the
+  step's compile. Returns held-out accuracy and the seconds spent."""
   from janus_jax.pretrained import atomic_directory
 
   t0 = time.time()
@@ -127,13 +127,14 @@ def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.nda
                                                       steps, learning_rate * 0.02),
                    b1=0.9, b2=0.98, weight_decay=0.05)
   state = {"params": params, "opt_state": tx.init(params)}
+  train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, max_shift=max_shift),
+                       donate_argnums=0, compiler_options=compiler_options or None)
   rng, key = np.random.default_rng(seed), jax.random.key(seed)
   losses = []
   for step in range(1, steps + 1):
     idx = rng.choice(len(x_train), batch_size, replace=False)
-    state, loss = _train_step(state, jnp.asarray(x_train[idx]), jnp.asarray(labels_train[idx]),
-                              jax.random.fold_in(key, step), model=model, tx=tx,
-                              max_shift=max_shift)
+    state, loss = train_step(state, jnp.asarray(x_train[idx]), jnp.asarray(labels_train[idx]),
+                             jax.random.fold_in(key, step))
     losses.append(loss)
   params = jax.device_get(state["params"])
   metrics = {"test_accuracy": accuracy(model, params, x_test, np.asarray(labels_test)),

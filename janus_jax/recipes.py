@@ -83,5 +83,5 @@ def training_config(model: ml_collections.ConfigDict, stages: ml_collections.Con
   c.num_processes = 0
   c.process_id = -1
   c.compilation_cache_dir = ""      # a persistent XLA compilation cache ("" = off)
-  c.compiler_options = ml_collections.ConfigDict()  # XLA options for the train step's compile
+  c.compiler_options = ml_collections.ConfigDict()  # XLA options for every training compile (stage 0 too)
   return c

@@ -64,6 +64,11 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
 # --- preparation (built-in demos) ---------------------------------------------------------------
 
 
+def compiler_options(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """config.compiler_options as the dict jax.jit / .compile take (None when empty)."""
+  return dict(config.get("compiler_options", None) or {}) or None
+
+
 def prepare(config: ml_collections.ConfigDict) -> None:
   """config.prepare.kind = "digits": build the digits datasets and tokenizer if missing, then
   stage 0 for whichever is not there yet: the VQ tokenizer (into config.init_vq_from), the
@@ -77,6 +82,7 @@ def prepare(config: ml_collections.ConfigDict) -> None:
   from janus_jax import encoder_pretraining, vq_training
   from janus_jax.data import builders, digits
 
+  options = compiler_options(config)  # stage 0's steps compile as the train step does
   t0 = time.perf_counter()
   digits.prepare(spec.data_dir, config.tokenizer, image_size=spec.image_size, seed=spec.seed)
   print(f"digits data and tokenizer ready in {time.perf_counter() - t0:.1f} s")
@@ -87,7 +93,7 @@ def prepare(config: ml_collections.ConfigDict) -> None:
     metrics = vq_training.train_vq(config.model.vq, train_x, test_x, steps=spec.vq_steps,
                                    batch_size=spec.vq_batch_size,
                                    learning_rate=spec.vq_learning_rate, seed=spec.seed,
-                                   out_dir=config.init_vq_from)
+                                   out_dir=config.init_vq_from, compiler_options=options)
     print(f"stage0 VQ done in {metrics['total_seconds']:.0f} s: held-out PSNR "
           f"{metrics['psnr']:.1f} dB, codebook usage {metrics['codebook_usage']:.0%}")
   tokens_dir = spec.get("pretokenize_to", "")
@@ -95,7 +101,8 @@ def prepare(config: ml_collections.ConfigDict) -> None:
   if tokens_dir and not built:  # ("incomplete.*" folders of an interrupted build do not count)
     t0 = time.perf_counter()  # the VQ is frozen from here on: encode every training image once
     vq_encode = make_vq_encoder(janus_lib.build(config.model),
-                                {"generation_tokenizer": vq_training.load_vq(config.init_vq_from)})
+                                {"generation_tokenizer": vq_training.load_vq(config.init_vq_from)},
+                                options)
     builders.pretokenize_captions(
         digits.CAPTIONS, spec.data_dir, tokens_dir, vq_encode, gen_image_size=spec.image_size,
         num_tokens=config.data.num_image_tokens_gen, config_name=digits.PRETOKENIZED_CONFIG)
@@ -106,7 +113,8 @@ def prepare(config: ml_collections.ConfigDict) -> None:
     metrics = encoder_pretraining.train_encoder(
         config.model.vision, train_x, train_y, test_x, test_y, steps=spec.encoder_steps,
         batch_size=spec.encoder_batch_size, learning_rate=spec.encoder_learning_rate,
-        seed=spec.seed, out_dir=encoder_dir, head=spec.get("encoder_head", "map"))
+        seed=spec.seed, out_dir=encoder_dir, head=spec.get("encoder_head", "map"),
+        compiler_options=options)
     print(f"stage0 understanding encoder done in {metrics['seconds']:.0f} s: held-out "
           f"classifier accuracy {metrics['test_accuracy']:.1%}")
 
@@ -194,11 +202,13 @@ def export_metadata(config) -> dict[str, Any]:
 # --- data ---------------------------------------------------------------------------------------
 
 
-def make_vq_encoder(model: janus_lib.Janus, params: Any):
+def make_vq_encoder(model: janus_lib.Janus, params: Any,
+                    compiler_options: dict[str, Any] | None = None):
   """pixels [n, H, W, 3] in [-1, 1] -> VQ ids [n, h*w], jitted, with the frozen VQ params."""
   # A copy: the train state (and so its VQ buffers) is donated to every step.
   vq_params = {"generation_tokenizer": jax.tree.map(jnp.copy, params["generation_tokenizer"])}
-  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=janus_lib.Janus.vq_encode))
+  encode = jax.jit(lambda p, x: model.apply({"params": p}, x, method=janus_lib.Janus.vq_encode),
+                   compiler_options=compiler_options or None)
   return lambda pixels: np.asarray(encode(vq_params, jnp.asarray(pixels, jnp.float32)))
 
 

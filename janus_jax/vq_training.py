@@ -105,9 +105,6 @@ def _losses(model: vq_lib.VQModel, params: Any, x_BxHxWx3: jax.Array, beta: floa
   return loss, (metrics, z.reshape(-1, z.shape[-1]), ids.reshape(-1))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "tx", "beta", "l1_weight", "reinit_every",
-                                             "dead_fraction", "ema_decay"),
-                   donate_argnames=("state",))
 def _train_step(state: dict[str, Any], x_BxHxWxC: jax.Array, rng: jax.Array, *, model, tx,
                 beta: float, l1_weight: float, reinit_every: int, dead_fraction: float,
                 ema_decay: float) -> tuple[dict[str, Any], dict[str, jax.Array]]:
@@ -179,11 +176,13 @@ def train_vq(vq_config: ml_collections.ConfigDict, images_train: np.ndarray,
              images_test: np.ndarray, *, steps: int, batch_size: int, learning_rate: float,
              seed: int, out_dir: str, beta: float = 0.25, l1_weight: float = 1.0,
              reinit_every: int = 25, dead_fraction: float = 0.03, ema_decay: float = 0.95,
-             log_every: int = 50) -> dict[str, Any]:
+             log_every: int = 50, compiler_options: dict[str, Any] | None = None
+             ) -> dict[str, Any]:
   """Trains a VQModel on uint8 images [N, H, W] / [N, H, W, 1|3] (grayscale is replicated to RGB;
   inputs are scaled to [-1, 1]) and saves it to out_dir atomically: params/ (orbax),
   config.json, metrics.json, metrics.jsonl (one line per log_every steps, stage "stage0").
 
+  compiler_options: XLA options for the step's compile (`config.compiler_options`).
   Returns the metrics: held-out psnr (dB) and codebook_usage, the final train losses, the seconds
   spent (train_seconds counts the compile), steps, and the test psnr before training.
   """
@@ -199,9 +198,10 @@ def train_vq(vq_config: ml_collections.ConfigDict, images_train: np.ndarray,
            # Zero usage: codes the first reinit_every steps never pick are revived at once.
            "usage": jnp.zeros((k,), jnp.float32), "step": jnp.int32(0)}
   before = evaluate(model, params, x_test_u8)
-  step_fn = functools.partial(_train_step, model=model, tx=tx, beta=beta, l1_weight=l1_weight,
-                              reinit_every=reinit_every, dead_fraction=dead_fraction,
-                              ema_decay=ema_decay)
+  step_fn = jax.jit(functools.partial(_train_step, model=model, tx=tx, beta=beta,
+                                      l1_weight=l1_weight, reinit_every=reinit_every,
+                                      dead_fraction=dead_fraction, ema_decay=ema_decay),
+                    donate_argnums=0, compiler_options=compiler_options or None)
   rng = np.random.default_rng(seed)
   key = jax.random.key(seed)
   log, running = [], None

@@ -140,6 +140,13 @@ def test_train_vq_improves_and_saves(tmp_path):
   assert jax.tree.map(np.shape, params) == jax.tree.map(np.shape, init)
   again = vq_training.evaluate(model, params, test[:100])
   assert again["psnr"] == pytest.approx(metrics["psnr"], abs=1e-4)
+  # config.compiler_options reach the step's compile: an unknown one fails, naming it, and
+  # nothing is written.
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    vq_training.train_vq(cfg, train[:16], test[:8], steps=2, batch_size=8, learning_rate=3e-3,
+                         seed=0, out_dir=str(tmp_path / "bad"),
+                         compiler_options={"xla_no_such_option": "1"})
+  assert not (tmp_path / "bad").exists()
 
 
 @pytest.mark.parametrize("head,steps,floor", [("flatten", 60, 0.4), ("map", 400, 0.3)])
@@ -168,6 +175,12 @@ def test_encoder_pretraining_learns_and_saves(tmp_path, head, steps, floor):
     encoder_pretraining.train_encoder(vision, train_x[:10], train_y[:10], test_x, test_y,
                                       steps=1, batch_size=2, learning_rate=1e-3, seed=0,
                                       out_dir=str(tmp_path / "bad"), head="mean")
+  assert not (tmp_path / "bad").exists()
+  with pytest.raises(Exception, match="xla_no_such_option"):
+    encoder_pretraining.train_encoder(vision, train_x[:10], train_y[:10], test_x, test_y,
+                                      steps=2, batch_size=2, learning_rate=1e-3, seed=0,
+                                      out_dir=str(tmp_path / "bad"), head=head,
+                                      compiler_options={"xla_no_such_option": "1"})
   assert not (tmp_path / "bad").exists()
 
 
