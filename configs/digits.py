@@ -77,8 +77,10 @@ def get_config(arg: str | None = None):
       kind="digits", data_dir=data_dir, image_size=32, seed=0,
       vq_steps=digits.VQ_TRAINING["steps"], vq_batch_size=digits.VQ_TRAINING["batch_size"],
       vq_learning_rate=digits.VQ_TRAINING["learning_rate"],
-      encoder_steps=600, encoder_batch_size=128, encoder_learning_rate=3e-3, encoder_head="map",
-      pretokenize_to=tokens_dir))
+      # Random rotations (+-12 deg) and scales (+-10 %) besides shifts: held-out 97.6 % after
+      # 1,000 steps against 96.2 % with shifts alone (96.2 % against 95.6 % after 600).
+      encoder_steps=1000, encoder_batch_size=128, encoder_learning_rate=3e-3, encoder_head="map",
+      encoder_max_rotation=12.0, encoder_max_scale=0.1, pretokenize_to=tokens_dir))
   c.init_understanding_encoder_from = workdir + "/understanding_encoder"
   if arg == "quick":  # a 128-wide 3-layer LLM (2.5x faster steps), fewer steps everywhere
     c.model.llm.update(dict(hidden_size=128, num_layers=3, num_heads=4, num_kv_heads=4,
@@ -86,7 +88,8 @@ def get_config(arg: str | None = None):
     c.model.image_head_dim = 128  # the image head is as wide as the LLM
     # encoder_head "flatten": 91 % in 150 steps where "map" is at 45 % (encoder_pretraining.py).
     c.prepare.update(dict(vq_steps=120, encoder_steps=150, encoder_batch_size=64,
-                          encoder_head="flatten", pretokenize_to=""))
+                          encoder_head="flatten", encoder_max_rotation=0.0,
+                          encoder_max_scale=0.0, pretokenize_to=""))
     # Generation reads images and VQ-encodes each batch (the path of datasets not pretokenized).
     c.data.sources.generation = pipeline.source_config(
         digits.CAPTIONS, data_dir=data_dir, features=digits.CAPTION_FEATURES)

@@ -2,9 +2,10 @@
 
 Janus starts from a pretrained SigLIP. Offline there is none, so the demo pretrains its small ViT
 (`models.siglip.VisionTransformer`, the model's own `understanding_encoder`) on the training
-digits: its tokens -> attention pooling -> a linear classifier, cross-entropy on the labels, random shifts of
-up to `max_shift` pixels. Only the encoder is kept (the classifier is dropped, as SigLIP's text
-tower is); stage 1 starts from it (`config.init_understanding_encoder_from`).
+digits: its tokens -> attention pooling -> a linear classifier, cross-entropy on the labels, each
+training image through a random affine map (`augment`: shift, rotation, scale). Only the encoder
+is kept (the classifier is dropped, as SigLIP's text tower is); stage 1 starts from it
+(`config.init_understanding_encoder_from`).
 
     metrics = train_encoder(config.model.vision, train_u8, train_labels, test_u8, test_labels,
                             steps=300, batch_size=64, learning_rate=2e-3, seed=0,
@@ -81,9 +82,42 @@ def _shift(images_BxHxWxC: jax.Array, rng: jax.Array, max_shift: int) -> jax.Arr
   return jax.vmap(crop)(padded, offsets_Bx2)
 
 
-def _train_step(state, images_u8, labels, rng, *, model, tx, max_shift):
+def affine_warp(image_HxWxC: jax.Array, rotation: jax.Array, scale: jax.Array,
+                shift_2: jax.Array) -> jax.Array:
+  """The image rotated by `rotation` degrees (clockwise as displayed) and scaled about its
+  centre, then moved by shift_2 = (down, right) pixels; bilinear, zero fill, same dtype."""
+  h, w, _ = image_HxWxC.shape
+  y_HxW, x_HxW = jnp.meshgrid(jnp.arange(h) - (h - 1) / 2, jnp.arange(w) - (w - 1) / 2,
+                              indexing="ij")
+  angle = jnp.deg2rad(rotation)
+  cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
+  source = [cos * y_HxW - sin * x_HxW + (h - 1) / 2 - shift_2[0] * cos + shift_2[1] * sin,
+            sin * y_HxW + cos * x_HxW + (w - 1) / 2 - shift_2[0] * sin - shift_2[1] * cos]
+  sample = lambda ch: jax.scipy.ndimage.map_coordinates(ch, source, order=1, cval=0.0)
+  out = jax.vmap(sample, in_axes=-1, out_axes=-1)(image_HxWxC.astype(jnp.float32))
+  if jnp.issubdtype(image_HxWxC.dtype, jnp.integer):
+    out = jnp.clip(jnp.round(out), 0, jnp.iinfo(image_HxWxC.dtype).max)
+  return out.astype(image_HxWxC.dtype)
+
+
+def augment(images_BxHxWxC: jax.Array, rng: jax.Array, max_shift: float,
+            max_rotation: float = 0.0, max_scale: float = 0.0) -> jax.Array:
+  """Each image through its own random `affine_warp`: rotation in +-max_rotation degrees, scale
+  in 1 +- max_scale, shift in +-max_shift pixels per axis. Without rotation or scale: whole-pixel
+  shifts only (`_shift`)."""
+  if max_rotation == 0 and max_scale == 0:
+    return _shift(images_BxHxWxC, rng, int(max_shift))
+  b = images_BxHxWxC.shape[0]
+  k_angle, k_scale, k_shift = jax.random.split(rng, 3)
+  rotation_B = jax.random.uniform(k_angle, (b,), minval=-max_rotation, maxval=max_rotation)
+  scale_B = 1 + jax.random.uniform(k_scale, (b,), minval=-max_scale, maxval=max_scale)
+  shift_Bx2 = jax.random.uniform(k_shift, (b, 2), minval=-max_shift, maxval=max_shift)
+  return jax.vmap(affine_warp)(images_BxHxWxC, rotation_B, scale_B, shift_Bx2)
+
+
+def _train_step(state, images_u8, labels, rng, *, model, tx, augmentation):
   def loss_fn(params):
-    logits = model.apply({"params": params}, _pixels(_shift(images_u8, rng, max_shift)))
+    logits = model.apply({"params": params}, _pixels(augment(images_u8, rng, *augmentation)))
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
 
   loss, grads = jax.value_and_grad(loss_fn)(state["params"])
@@ -106,11 +140,13 @@ def accuracy(model: Classifier, params: Any, images_u8: np.ndarray, labels: np.n
 def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.ndarray,
                   labels_train: np.ndarray, images_test: np.ndarray, labels_test: np.ndarray, *,
                   steps: int, batch_size: int, learning_rate: float, seed: int, out_dir: str,
-                  max_shift: int = 2, num_classes: int = 10, head: str = "map",
+                  max_shift: float = 2, max_rotation: float = 0.0, max_scale: float = 0.0,
+                  num_classes: int = 10, head: str = "map",
                   compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains the classifier (`head`: see Classifier) on uint8 images [N, H, W(, C)] and saves the
-  encoder to out_dir atomically (params/ + metrics.json). compiler_options: XLA options for the
-  step's compile. Returns held-out accuracy and the seconds spent."""
+  encoder to out_dir atomically (params/ + metrics.json). max_*: the training images' random
+  affine maps (`augment`). compiler_options: XLA options for the step's compile. Returns held-out
+  accuracy and the seconds spent."""
   from janus_jax.pretrained import atomic_directory
 
   t0 = time.time()
@@ -127,7 +163,9 @@ def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.nda
                                                       steps, learning_rate * 0.02),
                    b1=0.9, b2=0.98, weight_decay=0.05)
   state = {"params": params, "opt_state": tx.init(params)}
-  train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx, max_shift=max_shift),
+  augmentation = (max_shift, max_rotation, max_scale)
+  train_step = jax.jit(functools.partial(_train_step, model=model, tx=tx,
+                                         augmentation=augmentation),
                        donate_argnums=0, compiler_options=compiler_options or None)
   rng, key = np.random.default_rng(seed), jax.random.key(seed)
   losses = []
@@ -139,7 +177,8 @@ def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.nda
   params = jax.device_get(state["params"])
   metrics = {"test_accuracy": accuracy(model, params, x_test, np.asarray(labels_test)),
              "final_train_loss": float(np.mean(jax.device_get(losses[-20:]))),
-             "steps": steps, "batch_size": batch_size, "head": head, "seconds": time.time() - t0}
+             "steps": steps, "batch_size": batch_size, "head": head, "augmentation": augmentation,
+             "seconds": time.time() - t0}
   with atomic_directory(out_dir) as tmp:
     ocp.Checkpointer(ocp.StandardCheckpointHandler()).save(
         os.path.join(tmp, PARAMS_DIR), args=ocp.args.StandardSave(params["encoder"]))

@@ -7,6 +7,7 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -149,18 +150,46 @@ def test_train_vq_improves_and_saves(tmp_path):
   assert not (tmp_path / "bad").exists()
 
 
-@pytest.mark.parametrize("head,steps,floor", [("flatten", 60, 0.4), ("map", 400, 0.3)])
-def test_encoder_pretraining_learns_and_saves(tmp_path, head, steps, floor):
+def test_affine_warp_and_augment():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (6, 6, 1)).astype(np.uint8)
+  warp = lambda *a: np.asarray(encoder_pretraining.affine_warp(jnp.asarray(image), *a))
+  np.testing.assert_array_equal(warp(90.0, 1.0, jnp.zeros(2)), np.rot90(image, -1))
+  np.testing.assert_array_equal(warp(0.0, 1.0, jnp.zeros(2)), image)
+  moved = np.zeros_like(image)
+  moved[1:, 2:] = image[:-1, :-2]
+  np.testing.assert_array_equal(warp(0.0, 1.0, jnp.array([1.0, 2.0])), moved)
+  moved = np.zeros_like(image)
+  moved[1:] = np.rot90(image, -1)[:-1]  # rotated, then moved down
+  np.testing.assert_array_equal(warp(90.0, 1.0, jnp.array([1.0, 0.0])), moved)
+  halved = warp(0.0, 0.5, jnp.zeros(2))  # scaled about the centre: the border is zero fill
+  assert halved[0].max() == 0 and halved[:, 0].max() == 0 and halved[2:4, 2:4].max() > 0
+
+  batch = jnp.asarray(np.repeat(digits.load_split("test")[0][:1, ..., None], 8, 0))
+  out = np.asarray(encoder_pretraining.augment(batch, jax.random.key(0), 2, 12.0, 0.1))
+  assert out.shape == batch.shape and out.dtype == np.uint8
+  assert len({o.tobytes() for o in out}) == 8  # each image its own map
+  assert np.abs(out.astype(float).sum((1, 2, 3)) / float(batch[0].sum()) - 1).max() < 0.35
+  shifted = np.asarray(encoder_pretraining.augment(batch, jax.random.key(0), 2))  # whole pixels
+  assert set(np.unique(shifted)) <= set(np.unique(np.asarray(batch)))
+
+
+@pytest.mark.parametrize("head,steps,floor,rotation,scale",
+                         [("flatten", 60, 0.4, 0.0, 0.0), ("map", 400, 0.3, 12.0, 0.1)])
+def test_encoder_pretraining_learns_and_saves(tmp_path, head, steps, floor, rotation, scale):
   """Stage 0's stand-in for SigLIP: the classifier beats chance on held-out digits after a few
-  steps, and the saved encoder is exactly a Janus `understanding_encoder` subtree."""
+  steps (with and without rotations and scales), and the saved encoder is exactly a Janus
+  `understanding_encoder` subtree."""
   vision = presets.vision(image_size=32, patch_size=8, width=32, depth=1, num_heads=4, mlp_dim=64)
   train_x, train_y = digits.load_split("train")
   test_x, test_y = digits.load_split("test")
   out = str(tmp_path / "encoder")
   metrics = encoder_pretraining.train_encoder(vision, train_x[:1000], train_y[:1000], test_x,
                                               test_y, steps=steps, batch_size=32,
-                                              learning_rate=3e-3, seed=0, out_dir=out, head=head)
+                                              learning_rate=3e-3, seed=0, out_dir=out, head=head,
+                                              max_rotation=rotation, max_scale=scale)
   print(head, metrics)
+  assert metrics["augmentation"] == (2, rotation, scale)
   assert metrics["test_accuracy"] > floor  # chance is 0.1
   params = encoder_pretraining.load_encoder(out)
   cfg = presets.janus(presets.llm(64, 1, 4, 128), vision, presets.vq(**TINY_VQ))
