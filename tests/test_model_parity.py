@@ -6,6 +6,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 import torch
@@ -31,6 +32,16 @@ def setup(request):
   return _setup(request.param)
 
 
+def _with_layers(model, scan_layers: bool):
+  """The same model with its layers as a scan (True) or a Python loop (False)."""
+  config = ml_collections.ConfigDict(model.config)
+  config.scan_layers = scan_layers
+  return janus_lib.build(config)
+
+
+LAYERS = pytest.mark.parametrize("scan_layers", [True, False], ids=["scan", "unrolled"])
+
+
 def _apply(model, params, method, *args):
   return model.apply({"params": params}, *args, method=method)
 
@@ -43,8 +54,10 @@ def _nchw(x):
   return torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
 
 
-def test_understanding_features(setup):
+@LAYERS
+def test_understanding_features(setup, scan_layers):
   hf, model, params = setup
+  model = _with_layers(model, scan_layers)
   pixels = _pixels(np.random.default_rng(0), 2, 32)
   ours = _apply(model, params, janus_lib.Janus.encode_images, pixels)
   with torch.no_grad():
@@ -64,8 +77,10 @@ def _mixed_batch(rng, pad_first_row: int = 3):
   return ids, valid
 
 
-def test_llm_logits_on_text_and_image(setup):
+@LAYERS
+def test_llm_logits_on_text_and_image(setup, scan_layers):
   hf, model, params = setup
+  model = _with_layers(model, scan_layers)
   rng = np.random.default_rng(1)
   ids, valid = _mixed_batch(rng)
   pixels = _pixels(rng, 2, 32)
@@ -144,8 +159,10 @@ def test_vq_encode_ids_match_reference(setup):
   assert (hf_port != ref).any()
 
 
-def test_prefill_then_decode_equals_full_forward(setup):
+@LAYERS
+def test_prefill_then_decode_equals_full_forward(setup, scan_layers):
   hf, model, params = setup
+  model = _with_layers(model, scan_layers)
   rng = np.random.default_rng(6)
   ids, valid = _mixed_batch(rng)
   pixels = _pixels(rng, 2, 32)

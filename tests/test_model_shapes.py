@@ -180,25 +180,35 @@ def test_bfloat16_compute_and_params_track_float32():
     assert err < 0.05, err
 
 
-@pytest.mark.parametrize("policy", ["full", "dots"])
-def test_remat_policies_keep_values_and_gradients(policy):
+@pytest.mark.parametrize("policy,scan_layers", [("full", True), ("dots", True), ("none", False),
+                                                ("full", False)])
+def test_remat_and_unrolled_layers_keep_values_and_gradients(policy, scan_layers):
+  """Remat policies and the Python loop over layers (scan_layers False) change how the LLM and
+  the ViT run, never what they compute: values and gradients equal the plain scan's."""
   cfg = load_config("tiny").model
   params = tiny_params()
-  ids = jnp.asarray(np.random.default_rng(1).integers(0, 256, (2, 10)))
+  rng = np.random.default_rng(1)
+  ids = jnp.asarray(rng.integers(0, 256, (2, 10)))
+  pixels = jnp.asarray(rng.uniform(-1, 1, (2, 32, 32, 3)), jnp.float32)
 
   def loss(p, module):
     def f(m):
-      valid = jnp.ones(ids.shape, bool)
-      h, _ = m(m.embed_text(ids), llm.positions_from_mask(valid), llm.causal_mask(valid))
+      x = jnp.concatenate([m.encode_images(pixels), m.embed_text(ids)], axis=1)
+      h, _ = m(x, llm.positions_from_mask(jnp.ones(x.shape[:2], bool)),
+               llm.causal_mask(jnp.ones(x.shape[:2], bool)))
       return jnp.mean(m.text_logits(h) ** 2)
     return module.apply({"params": p}, method=f)
 
-  cfg_remat = cfg.copy_and_resolve_references()
-  cfg_remat.remat_policy = policy
+  variant = cfg.copy_and_resolve_references()
+  variant.remat_policy = policy
+  variant.scan_layers = scan_layers
   plain = jax.value_and_grad(loss)(params, janus_lib.build(cfg))
-  remat = jax.value_and_grad(loss)(params, janus_lib.build(cfg_remat))
-  np.testing.assert_allclose(remat[0], plain[0], rtol=1e-6)
-  for a, b in zip(jax.tree.leaves(remat[1]), jax.tree.leaves(plain[1])):
+  other = jax.value_and_grad(loss)(params, janus_lib.build(variant))
+  np.testing.assert_allclose(other[0], plain[0], rtol=1e-6)
+  grads = jax.tree.leaves_with_path(plain[1])
+  assert any("understanding_encoder" in jax.tree_util.keystr(k) and np.abs(g).max() > 0
+             for k, g in grads)
+  for a, b in zip(jax.tree.leaves(other[1]), jax.tree.leaves(plain[1])):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 

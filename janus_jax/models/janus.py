@@ -34,8 +34,9 @@ class Janus(nn.Module):
   def setup(self):
     c = self.config
     kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
+    layers = dict(remat_policy=c.remat_policy, scan_layers=c.get("scan_layers", True))
     d = c.llm.hidden_size
-    self.understanding_encoder = siglip.VisionTransformer(c.vision, remat_policy=c.remat_policy, **kw)
+    self.understanding_encoder = siglip.VisionTransformer(c.vision, **layers, **kw)
     self.understanding_aligner = adapters.MlpAligner(d, c.aligner_depth, **kw)
     self.generation_tokenizer = vq.VQModel(c.vq, **kw)
     self.generation_embed = nn.Embed(
@@ -43,7 +44,7 @@ class Janus(nn.Module):
         embedding_init=llm.param_with_axes(llm.default_kernel_init, ("codebook", None)))
     self.generation_aligner = adapters.MlpAligner(d, c.generation_aligner_depth, **kw)
     self.image_head = adapters.ImageHead(c.image_head_dim, c.vq.codebook_size, **kw)
-    self.llm = llm.LanguageModel(c.llm, remat_policy=c.remat_policy, **kw)
+    self.llm = llm.LanguageModel(c.llm, **layers, **kw)
 
   # --- inputs -------------------------------------------------------------------------------
   def encode_images(self, pixels_BxHxWx3: jax.Array) -> jax.Array:

@@ -13,7 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from janus_jax.models.llm import default_kernel_init, maybe_remat, param_with_axes
+from janus_jax.models.llm import (apply_unrolled, default_kernel_init, maybe_remat, param_with_axes,
+                                  split_layers)
 
 Dtype = Any
 
@@ -67,6 +68,7 @@ class VisionTransformer(nn.Module):
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
+  scan_layers: bool = True
 
   @nn.compact
   def __call__(self, pixels_BxHxWx3: jax.Array) -> jax.Array:
@@ -87,8 +89,14 @@ class VisionTransformer(nn.Module):
                      self.param_dtype)
     x_BxNxW = x_BxNxW + pos.astype(self.dtype)[None]
 
-    x_BxNxW, _ = nn.scan(
-        maybe_remat(EncoderBlock, self.remat_policy), variable_axes={"params": 0}, split_rngs={"params": True}, in_axes=nn.broadcast,
-        length=c.depth, metadata_params={nn.PARTITION_NAME: "layers"},
-    )(c, self.dtype, self.param_dtype, name="layers")(x_BxNxW, None)
+    if self.scan_layers or self.is_initializing():
+      x_BxNxW, _ = nn.scan(
+          maybe_remat(EncoderBlock, self.remat_policy), variable_axes={"params": 0},
+          split_rngs={"params": True}, in_axes=nn.broadcast, length=c.depth,
+          metadata_params={nn.PARTITION_NAME: "layers"},
+      )(c, self.dtype, self.param_dtype, name="layers")(x_BxNxW, None)
+    else:  # the same layers as a Python loop (see llm.DecoderStack)
+      block = EncoderBlock(c, self.dtype, self.param_dtype, parent=None)
+      x_BxNxW = apply_unrolled(block, split_layers(nn.unbox(self.variables["params"]["layers"])),
+                               x_BxNxW, remat_policy=self.remat_policy)
     return _layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype, "post_layernorm")(x_BxNxW)
