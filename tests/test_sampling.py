@@ -104,7 +104,9 @@ def test_cached_decode_equals_full_forward(setup):
     logits, cache = step_fn(fed[:, i:i + 1], row_valid.sum(1) + i, cache)
     steps.append(logits)
   got = np.stack(steps, axis=1)
-  np.testing.assert_allclose(got, want, atol=1e-5, rtol=1e-5)
+  # One-token steps and the full forward run different XLA:CPU dot kernels: float32 reassociation
+  # reaches 1.2e-5 on some hosts (Sapphire Rapids); a wrong cache slot or mask is off by ~0.1.
+  np.testing.assert_allclose(got, want, atol=3e-5, rtol=1e-5)
   mixed = np.asarray(sampling.cfg_logits(want[0::2], want[1::2], CFG))
   np.testing.assert_array_equal(mixed.argmax(-1), tokens)
   top2 = np.sort(mixed, axis=-1)[..., -2:]
