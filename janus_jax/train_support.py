@@ -45,6 +45,10 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
   if not 0 <= stage.get("cooldown_steps", 0) <= stage.steps - stage.warmup_steps:
     raise ValueError(f"config.stages.{name}.cooldown_steps = {stage.cooldown_steps} must be in "
                      f"[0, steps - warmup_steps = {stage.steps - stage.warmup_steps}]")
+  try:
+    training.check_learning_rate_scales(stage)
+  except ValueError as e:
+    raise ValueError(f"config.stages.{name}.{e}") from None
   shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))
   if stage.batch_size % shards:
     raise ValueError(f"config.stages.{name}.batch_size = {stage.batch_size} is not divisible by "

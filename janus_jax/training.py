@@ -75,11 +75,31 @@ def learning_rate_schedule(stage: ml_collections.ConfigDict) -> optax.Schedule:
 
 def make_optimizer(stage: ml_collections.ConfigDict, opt: ml_collections.ConfigDict
                    ) -> optax.GradientTransformation:
-  """AdamW with global-norm clipping, over the trainable parts only."""
-  return optax.chain(
-      optax.clip_by_global_norm(opt.clip_norm),
-      optax.adamw(learning_rate_schedule(stage), b1=opt.b1, b2=opt.b2, eps=opt.eps,
-                  weight_decay=opt.weight_decay))
+  """AdamW with global-norm clipping, over the trainable parts only.
+
+  `stage.learning_rate_scales` ({part: s}) multiplies those parts' updates by s: their learning
+  rate, and so their decoupled weight decay, is s times the stage's (e.g. a pretrained encoder
+  fine-tuned gently while the LLM trains at full rate).
+  """
+  chain = [optax.clip_by_global_norm(opt.clip_norm),
+           optax.adamw(learning_rate_schedule(stage), b1=opt.b1, b2=opt.b2, eps=opt.eps,
+                       weight_decay=opt.weight_decay)]
+  scales = check_learning_rate_scales(stage)
+  if scales:  # (a stage without scales keeps the optimizer-state layout of earlier checkpoints)
+    chain.append(optax.stateless(lambda updates, _: {
+        part: jax.tree.map(lambda u, s=scales.get(part, 1.0): u * s, tree)
+        for part, tree in updates.items()}))
+  return optax.chain(*chain)
+
+
+def check_learning_rate_scales(stage: ml_collections.ConfigDict) -> dict[str, float]:
+  """The stage's {part: scale}; each part must be one of its trainable parts, each scale >= 0."""
+  scales = {k: float(v) for k, v in (stage.get("learning_rate_scales", None) or {}).items()}
+  bad = {k: v for k, v in scales.items() if k not in stage.trainable or not v >= 0}
+  if bad:
+    raise ValueError(f"learning_rate_scales {bad}: each key must be one of the stage's trainable "
+                     f"parts {list(stage.trainable)}, each scale >= 0")
+  return scales
 
 
 def embed_batch(m: janus_lib.Janus, batch: dict[str, jax.Array]) -> jax.Array:

@@ -140,3 +140,46 @@ def test_analytic_flops_are_close_to_the_compiled_count():
   xla = (xla[0] if isinstance(xla, list) else xla)["flops"]
   analytic = training.flops_per_step(config, 8, trainable)
   assert 0.5 < analytic / xla < 2.0, (analytic, xla)
+
+
+def test_learning_rate_scales_scale_one_part_and_are_checked():
+  """A part's scale s makes its update s times the unscaled one; the others are untouched."""
+  config = load_config("tiny")
+  config.optimizer.eps = 1e-3
+  model = janus_lib.build(config.model)
+  batch = train_fixtures.synthetic_batch(config, 8, 0)
+  start = tiny_params()
+
+  def one_step(scales):
+    stage = config.stages.stage3.copy_and_resolve_references()
+    stage.learning_rate_scales = scales
+    stage.warmup_steps = 0  # a non-zero learning rate at step 0
+    trainable = training.check_trainable(stage.trainable)
+    optimizer = training.make_optimizer(stage, config.optimizer)
+    step = jax.jit(functools.partial(
+        training.train_step, model=model, optimizer=optimizer,
+        schedule=training.learning_rate_schedule(stage), trainable=trainable))
+    state = training.init_state(optimizer, start, trainable, jax.random.key(0))
+    return jax.device_get(step(state, batch)[0].params)
+
+  delta = lambda params, part: jax.tree.map(lambda a, b: a - b, params[part], start[part])
+  plain, half, frozen = one_step({}), one_step({"understanding_encoder": 0.5}), one_step(
+      {"understanding_encoder": 0.0})
+  for a, b in zip(jax.tree.leaves(delta(half, "understanding_encoder")),
+                  jax.tree.leaves(delta(plain, "understanding_encoder"))):
+    np.testing.assert_allclose(a, 0.5 * b, atol=1e-7)
+  assert max(float(np.abs(x).max()) for x in jax.tree.leaves(delta(plain, "understanding_encoder"))) > 1e-4
+  for a, b in zip(jax.tree.leaves(frozen["understanding_encoder"]),
+                  jax.tree.leaves(start["understanding_encoder"])):
+    np.testing.assert_array_equal(a, b)
+  for part in ("llm", "image_head", "understanding_aligner"):
+    for a, b in zip(jax.tree.leaves(half[part]), jax.tree.leaves(plain[part])):
+      np.testing.assert_array_equal(a, b)
+
+  mesh = sharding.make_mesh((8, 1, 1))
+  for scales, message in [({"understanding_encoder": 0.1}, r"stage2.learning_rate_scales .*trainable parts"),
+                          ({"llm": -1.0}, r"stage2.learning_rate_scales \{'llm': -1.0\}")]:
+    bad = load_config("tiny")
+    bad.stages.stage2.learning_rate_scales = scales  # the encoder is frozen in stage 2
+    with pytest.raises(ValueError, match=message):
+      support.check_stage(bad, "stage2", mesh)
