@@ -23,6 +23,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from janus_jax import sharding
+from janus_jax.models import decode
 from janus_jax.models import janus as janus_lib
 from janus_jax.models import llm
 
@@ -187,30 +188,37 @@ def _decode_jit(**jit_kwargs):
 
 
 def _default_unroll(unroll_layers: bool | None) -> bool:
-  # Unrolled decode copies the layer weights once per call to save a copy per step: a clear win
+  # The unrolled path splits the weights once per call to save copies per step: a clear win
   # where weight reads bound the step (XLA:CPU); elsewhere the layer scan keeps memory and
   # compile time flat.
   return jax.default_backend() == "cpu" if unroll_layers is None else bool(unroll_layers)
 
 
-def _decoder(model: Janus, params: Any, unroll: bool):
-  """The trunk for decode steps, `(x [B, 1, D], slot_valid [B, S], positions [B], cache) ->
-  (hidden [B, D], cache)`; `unroll`: llm.decode_unrolled instead of the layer scan.
-
-  Call it outside the token loop: with `unroll` the layer params are split here, once.
+def _decoder(model: Janus, params: Any, unroll: bool, head: str):
+  """(trunk, logits) for the token loop: trunk `(x [B, 1, D], slot_valid [B, S], positions [B],
+  cache) -> (hidden [B, D], cache)`, logits `hidden -> [B, V]` float32 of the "image" or "text"
+  head. `unroll`: models/decode.py's steps over per-layer column blocks instead of the layer
+  scan; call this outside the loop (the blocks are split here, once) and carry the cache per
+  layer (`KVCache.per_layer`, split before the loop, also once).
   """
+  logits_method = Janus.image_logits if head == "image" else Janus.text_logits
   if not unroll:
-    return lambda *args: _apply(model, params, _step, *args)
-  c, decoder = model.config, params["llm"]["decoder"]
-  layers = llm.split_layers(decoder["layers"])
-  dtypes = janus_lib._dtype(c.dtype), janus_lib._dtype(c.param_dtype)
+    return (lambda *args: _apply(model, params, _step, *args),
+            lambda hidden_BxD: _apply(model, params, logits_method, hidden_BxD))
+  c = model.config
+  dtype = janus_lib._dtype(c.dtype)
+  trunk = decode.prepare_trunk(params["llm"]["decoder"], dtype)
+  if head == "image":
+    image_head = decode.prepare_image_head(params["image_head"], dtype)
+    logits = lambda hidden_BxD: decode.image_logits(image_head, hidden_BxD)
+  else:
+    text_head = decode.prepare_text_head(params["llm"]["lm_head"], dtype)
+    logits = lambda hidden_BxD: decode.text_logits(text_head, hidden_BxD)
 
   def step(x_Bx1xD, slot_valid_BxS, positions_B, cache):
-    hidden, cache = llm.decode_unrolled(c.llm, *dtypes, layers, decoder["norm"], x_Bx1xD,
-                                        positions_B[:, None],
-                                        llm.cache_mask(slot_valid_BxS, cache.index, 1), cache)
-    return hidden[:, 0], cache
-  return step
+    mask_BxS = llm.cache_mask(slot_valid_BxS, cache.index, 1)[:, 0]
+    return decode.trunk_step(c.llm, trunk, x_Bx1xD[:, 0], positions_B, mask_BxS, cache)
+  return step, logits
 
 
 def _slot_valid(valid_BxT: jax.Array, slots: int) -> jax.Array:
@@ -251,12 +259,13 @@ def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, 
   del mesh  # only part of the compilation key (the inputs carry the shardings)
   rows = hidden_RxD.shape[0]
   slot_valid_RxS = _slot_valid(valid_RxT, cache.slots)
-  trunk = _decoder(model, params, unroll)
+  trunk, image_logits = _decoder(model, params, unroll, "image")
+  cache = cache.per_layer() if unroll else cache  # once, outside the loop (see _decoder)
   # One key per image token: the cache holds exactly prompt bucket + N slots.
   keys = jax.random.split(rng, cache.slots - valid_RxT.shape[1])
 
   def sample(hidden_RxD, key):
-    logits_RxV = _apply(model, params, Janus.image_logits, hidden_RxD)
+    logits_RxV = image_logits(hidden_RxD)
     pairs = logits_RxV.reshape(rows // 2, 2, -1)
     return sample_logits(key, cfg_logits(pairs[:, 0], pairs[:, 1], cfg_weight), settings)
 
@@ -272,7 +281,7 @@ def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, 
   last_N = sample(hidden_RxD, keys[-1])
   # The cache is returned only so that the donated input buffer aliases it: the loop then
   # updates one buffer in place instead of holding two caches.
-  return jnp.concatenate([ids_SxN.T, last_N[:, None]], axis=1), cache
+  return jnp.concatenate([ids_SxN.T, last_N[:, None]], axis=1), cache.stacked()
 
 
 def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_valid_BxT, *,
@@ -341,7 +350,8 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
   del mesh  # only part of the compilation key (the inputs carry the shardings)
   b = valid_BxT.shape[0]
   slot_valid_BxS = _slot_valid(valid_BxT, cache.slots)
-  trunk = _decoder(model, params, unroll)
+  trunk, text_logits = _decoder(model, params, unroll, "text")
+  cache = cache.per_layer() if unroll else cache
   keys = jax.random.split(rng, max_new_tokens)
   first_B = sample_logits(keys[0], logits_BxV, settings)
   tokens_BxN = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
@@ -357,7 +367,7 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
     prev_B = jax.lax.dynamic_index_in_dim(tokens_BxN, i - 1, axis=1, keepdims=False)
     x_Bx1xD = _apply(model, params, Janus.embed_text, prev_B[:, None])
     hidden_BxD, cache = trunk(x_Bx1xD, slot_valid_BxS, positions_B, cache)
-    logits_BxV = _apply(model, params, Janus.text_logits, hidden_BxD)
+    logits_BxV = text_logits(hidden_BxD)
     next_B = jnp.where(done_B, eos_id, sample_logits(keys[i], logits_BxV, settings))
     tokens_BxN = jax.lax.dynamic_update_index_in_dim(tokens_BxN, next_B, i, axis=1)
     return i + 1, cache, tokens_BxN, done_B | (next_B == eos_id), positions_B + 1
@@ -366,7 +376,7 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
   _, cache, tokens_BxN, _, _ = jax.lax.while_loop(cond, body, carry)
   is_eos_BxN = tokens_BxN == eos_id
   lengths_B = jnp.where(is_eos_BxN.any(axis=1), is_eos_BxN.argmax(axis=1) + 1, max_new_tokens)
-  return tokens_BxN, lengths_B.astype(jnp.int32), cache  # cache: see _image_decode
+  return tokens_BxN, lengths_B.astype(jnp.int32), cache.stacked()  # cache: see _image_decode
 
 
 def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, *, rng: jax.Array,

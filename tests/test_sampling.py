@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,7 @@ import torch
 
 import oracle
 from janus_jax import convert, sampling, sharding
+from janus_jax.models import decode
 from janus_jax.models import janus as janus_lib
 from janus_jax.models import llm
 
@@ -52,16 +55,28 @@ def _hf_image_tokens(hf, ids, valid, **kw):
                        generation_mode="image", guidance_scale=CFG, **kw).numpy()
 
 
+@contextlib.contextmanager
+def _narrow_blocks():
+  """models/decode.py's column blocks 7 wide, so the unrolled (CPU) sampler splits every kernel
+  of the oracle's shapes into several uneven blocks; jit caches cleared around it, as the width
+  is not part of any compilation key."""
+  jax.clear_caches()
+  with mock.patch.object(decode, "BLOCK_COLUMNS", 7):
+    yield
+  jax.clear_caches()
+
+
 @functools.lru_cache(maxsize=None)
 def _greedy_image_tokens(unroll_layers: bool = True):
   _, model, params = _setup()
   ids, valid = _t2i_prompts()
-  return np.asarray(sampling.generate_image_tokens(
-      model, params, ids, valid, rng=jax.random.key(0), pad_id=PAD, cfg_weight=CFG,
-      settings=sampling.GREEDY, unroll_layers=unroll_layers))
+  with _narrow_blocks():
+    return np.asarray(sampling.generate_image_tokens(
+        model, params, ids, valid, rng=jax.random.key(0), pad_id=PAD, cfg_weight=CFG,
+        settings=sampling.GREEDY, unroll_layers=unroll_layers))
 
 
-@pytest.mark.parametrize("unroll_layers", [True, False], ids=["unrolled", "layer_scan"])
+@pytest.mark.parametrize("unroll_layers", [True, False], ids=["blocked", "layer_scan"])
 def test_greedy_image_tokens_match_transformers(setup, unroll_layers):
   hf, model, _ = setup
   ids, valid = _t2i_prompts()
@@ -70,8 +85,13 @@ def test_greedy_image_tokens_match_transformers(setup, unroll_layers):
   np.testing.assert_array_equal(ours, _hf_image_tokens(hf, ids, valid, do_sample=False))
 
 
-def test_cached_decode_equals_full_forward(setup):
-  """Teacher-forced cached steps give the logits of one uncached forward; CFG argmax = tokens."""
+@pytest.mark.parametrize("path", ["layer_scan", "blocked"])
+def test_cached_decode_equals_full_forward(setup, path):
+  """Teacher-forced cached steps give the logits of one uncached forward; CFG argmax = tokens.
+
+  blocked: models/decode.py's step over column blocks (7 columns wide: uneven multi-block
+  splits of every kernel of the oracle's shapes) and a per-layer cache.
+  """
   _, model, params = setup
   ids, valid = _t2i_prompts()
   tokens = _greedy_image_tokens()
@@ -91,15 +111,27 @@ def test_cached_decode_equals_full_forward(setup):
     hidden, cache = sampling._prefill(m, m.embed_text(rows), row_valid, cache)
     return m.image_logits(hidden), cache
 
+  slot_valid = sampling._slot_valid(jnp.asarray(row_valid), t + n)
+
   def step(m, ids, positions, cache):
-    slot_valid = sampling._slot_valid(jnp.asarray(row_valid), t + n)
     hidden, cache = sampling._step(m, m.embed_image_tokens(ids), slot_valid, positions, cache)
     return m.image_logits(hidden), cache
+
+  def blocked_step(m, ids, positions, cache):
+    trunk = decode.prepare_trunk(params["llm"]["decoder"], jnp.float32, width=7)
+    head = decode.prepare_image_head(params["image_head"], jnp.float32, width=7)
+    assert all(len(b) > 1 for b in trunk["layers"][0].values() if isinstance(b, tuple))
+    mask = llm.cache_mask(slot_valid, cache.index, 1)[:, 0]
+    hidden, cache = decode.trunk_step(model.config.llm, trunk, m.embed_image_tokens(ids)[:, 0],
+                                      positions, mask, cache)
+    return decode.image_logits(head, hidden), cache
 
   apply = lambda fn: jax.jit(functools.partial(model.apply, {"params": params}, method=fn))
   want = np.asarray(apply(full)())
   logits, cache = apply(prefill)()
-  steps, step_fn = [logits], apply(step)
+  if path == "blocked":
+    cache = cache.per_layer()
+  steps, step_fn = [logits], apply(step if path == "layer_scan" else blocked_step)
   for i in range(n - 1):
     logits, cache = step_fn(fed[:, i:i + 1], row_valid.sum(1) + i, cache)
     steps.append(logits)
@@ -203,7 +235,7 @@ def _hf_text(hf, ids, valid, pixels, eos, max_new):
   return out.numpy()[:, ids.shape[1]:]
 
 
-@pytest.mark.parametrize("unroll_layers", [True, False], ids=["unrolled", "layer_scan"])
+@pytest.mark.parametrize("unroll_layers", [True, False], ids=["blocked", "layer_scan"])
 def test_greedy_text_matches_transformers(setup, unroll_layers):
   hf, model, params = setup
   ids, valid, pixels = _chat_prompts()
@@ -214,7 +246,8 @@ def test_greedy_text_matches_transformers(setup, unroll_layers):
   assert (free_run != BOS).all()
   eos = int(free_run[0, 3])  # row 0 stops after 4 tokens; row 1 (almost surely) runs on
   ref = _hf_text(hf, ids, valid, pixels, eos=eos, max_new=8)
-  tokens, lengths = map(np.asarray, gen(ids, valid, pixels, eos))
+  with _narrow_blocks():
+    tokens, lengths = map(np.asarray, gen(ids, valid, pixels, eos))
   assert lengths[0] == 4 and tokens.shape == (2, 8)
   for row in range(2):
     n = lengths[row]

@@ -33,8 +33,9 @@ def param_with_axes(init, axes: tuple[str | None, ...]):
 class KVCache:
   """Preallocated keys and values for every layer, written at `index`.
 
-  k, v: [layers, batch, kv_heads, slots, head_dim]. index: int32 scalar, the first free slot; all
-  rows share it (prompts are left-padded, so slot order is time order in every row).
+  k, v: [layers, batch, kv_heads, slots, head_dim], or (`per_layer`) tuples of one
+  [batch, kv_heads, slots, head_dim] buffer per layer. index: int32 scalar, the first free slot;
+  all rows share it (prompts are left-padded, so slot order is time order in every row).
   """
 
   k: jax.Array
@@ -49,7 +50,19 @@ class KVCache:
 
   @property
   def slots(self) -> int:
-    return (self.k[0] if isinstance(self.k, tuple) else self.k).shape[3]
+    return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
+
+  def per_layer(self) -> "KVCache":
+    """One buffer per layer (models/decode.py's steps): each layer's attention then reads its
+    cache in place, where slicing a layer out of the stack copies it for the attention dots."""
+    if isinstance(self.k, tuple):
+      return self
+    return KVCache(tuple(self.k), tuple(self.v), self.index)
+
+  def stacked(self) -> "KVCache":
+    if not isinstance(self.k, tuple):
+      return self
+    return KVCache(jnp.stack(self.k), jnp.stack(self.v), self.index)
 
 
 class RMSNorm(nn.Module):
@@ -62,9 +75,13 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     scale = self.param("scale", param_with_axes(nn.initializers.ones, ("norm",)), (x.shape[-1],),
                        self.param_dtype)
-    x32 = x.astype(jnp.float32)
-    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return scale.astype(x.dtype) * normed.astype(x.dtype)
+    return rms_norm(x, scale, self.eps)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+  return scale.astype(x.dtype) * normed.astype(x.dtype)
 
 
 def rotary_embedding(x_BxTxNxH: jax.Array, positions_BxT: jax.Array, theta: float) -> jax.Array:
@@ -113,20 +130,27 @@ class Attention(nn.Module):
     else:
       k_BxKxSxH, v_BxKxSxH, new_cache = k_BxKxTxH, v_BxKxTxH, None
 
-    b, t, _, _ = q_BxTxNxH.shape
-    groups = self.num_heads // self.num_kv_heads
-    q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, self.num_kv_heads, groups, self.head_dim)
-    logits = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH.astype(self.dtype),
-                        preferred_element_type=jnp.float32) * self.head_dim**-0.5
-    logits = jnp.where(mask_BxTxS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH.astype(self.dtype))
-    out_BxTxNxH = out_BxTxKxGxH.reshape(b, t, self.num_heads, self.head_dim)
+    out_BxTxNxH = attend(q_BxTxNxH, k_BxKxSxH, v_BxKxSxH, mask_BxTxS, self.dtype)
     out = nn.DenseGeneral(x_BxTxD.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                           param_dtype=self.param_dtype,
                           kernel_init=param_with_axes(default_kernel_init, ("heads", "head_dim", "embed")),
                           name="o_proj")(out_BxTxNxH)
     return out, new_cache
+
+
+def attend(q_BxTxNxH: jax.Array, k_BxKxSxH: jax.Array, v_BxKxSxH: jax.Array,
+           mask_BxTxS: jax.Array, dtype: Dtype) -> jax.Array:
+  """Masked softmax attention [B, T, N, H]; each group of N / K query heads shares a KV head.
+  Logits and softmax in float32."""
+  b, t, n, h = q_BxTxNxH.shape
+  kv_heads = k_BxKxSxH.shape[1]
+  q_BxTxKxGxH = q_BxTxNxH.reshape(b, t, kv_heads, n // kv_heads, h)
+  logits = jnp.einsum("btkgh,bksh->bkgts", q_BxTxKxGxH, k_BxKxSxH.astype(dtype),
+                      preferred_element_type=jnp.float32) * h**-0.5
+  logits = jnp.where(mask_BxTxS[:, None, None, :, :], logits, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  out_BxTxKxGxH = jnp.einsum("bkgts,bksh->btkgh", probs, v_BxKxSxH.astype(dtype))
+  return out_BxTxKxGxH.reshape(b, t, n, h)
 
 
 class Mlp(nn.Module):
@@ -254,24 +278,6 @@ def apply_unrolled(layer: nn.Module, layer_params: list[Any], carry: Any, *broad
       call = jax.checkpoint(call, policy=REMAT_POLICIES[remat_policy])
     carry = call(params, carry)
   return carry
-
-
-def decode_unrolled(config: Any, dtype: Dtype, param_dtype: Dtype, layer_params: list[Any],
-                    norm_params: Any, x_BxTxD: jax.Array, positions_BxT: jax.Array,
-                    mask_BxTxS: jax.Array, cache: KVCache) -> tuple[jax.Array, KVCache]:
-  """DecoderStack's forward (cache required) over layer params split once per generate call.
-
-  For token-by-token decoding where reading weights bounds the step (CPUs): slicing each layer
-  out of the stacked params inside the token loop makes XLA:CPU copy that slice before its
-  matmuls (a dynamic slice cannot feed a dot directly), doubling the bytes moved per step. Split
-  the params once per generate call (`split_layers`), outside the loop: every matmul then reads
-  its weights in place.
-  """
-  layer = DecoderLayer(config, dtype, param_dtype)
-  x_BxTxD, k, v = apply_unrolled(layer, layer_params, (x_BxTxD.astype(dtype), cache.k, cache.v),
-                                 positions_BxT, mask_BxTxS, cache.index)
-  x_BxTxD = RMSNorm(config.rms_norm_eps, param_dtype).apply({"params": norm_params}, x_BxTxD)
-  return x_BxTxD, KVCache(k, v, cache.index + x_BxTxD.shape[1])
 
 
 def causal_mask(valid_BxT: jax.Array) -> jax.Array:
