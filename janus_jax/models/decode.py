@@ -6,9 +6,9 @@ but at about 24 GB/s when the same columns are separate arrays of <= 768 columns
 executor runs the independent dots on both cores, and narrow panels tile better even on one
 (2-core Sapphire Rapids, 40 distinct 1024 x 2816 kernels, rows 2: 16 -> 24 GB/s; rows 16:
 9.5 -> 15.5 GB/s). The blocks must be separate buffers: slicing a kernel inside the token loop,
-or concatenating blocks back, copies it every step. So `prepare` splits the trunk, the image head
-and the text head once per generate call, outside the loop, and the steps read every block in
-place. KV caches are per layer (`llm.KVCache.per_layer`) for the same reason.
+or concatenating blocks back, copies it every step. So the `prepare_*` functions split the
+trunk, the image head and the text head once per generate call, outside the loop, and the steps
+read every block in place. KV caches are per layer (`llm.KVCache.per_layer`) for the same reason.
 
 The math is llm.DecoderLayer's (shared: `llm.rms_norm`, `llm.rotary_embedding`, `llm.attend`) and
 adapters.ImageHead's; tests/test_sampling.py checks the sampler on this path against
@@ -26,7 +26,8 @@ import numpy as np
 
 from janus_jax.models import llm
 
-# Columns per block. Two to eight blocks per kernel of the released shapes (1024 to 16384 wide).
+# Columns per block: 2 blocks for a 1024-wide kernel, 22 for the 16384-wide image head. 384 and
+# 1536 measured no better (benchmarks/sampling.py config, B = 1 and 8).
 BLOCK_COLUMNS = 768
 
 
