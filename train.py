@@ -73,7 +73,9 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   trainable = training.check_trainable(stage.trainable)
   workdir = os.path.join(config.workdir, name)
   print(f"=== {name}: trains {', '.join(trainable)}; lr {stage.learning_rate}, "
-        f"{stage.steps} steps, batch {stage.batch_size}, mixture {tuple(stage.mixture)}")
+        f"{stage.steps} steps, batch {stage.batch_size}, mixture {tuple(stage.mixture)}"
+        + (f", loss weights {training.check_loss_weights(stage)}"
+           if training.check_loss_weights(stage) else ""))
 
   # --- state: shapes and shardings from the logical axis rules ---------------------------------
   optimizer = training.make_optimizer(stage, config.optimizer)
@@ -107,7 +109,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   # --- the compiled step -----------------------------------------------------------------------
   step_fn = jax.jit(
       functools.partial(training.train_step, model=model, optimizer=optimizer, schedule=schedule,
-                        trainable=trainable),
+                        trainable=trainable, loss_weights=training.check_loss_weights(stage)),
       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
       donate_argnums=0)
   t0 = time.perf_counter()

@@ -47,6 +47,7 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
                      f"[0, steps - warmup_steps = {stage.steps - stage.warmup_steps}]")
   try:
     training.check_learning_rate_scales(stage)
+    training.check_loss_weights(stage)
   except ValueError as e:
     raise ValueError(f"config.stages.{name}.{e}") from None
   shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))

@@ -3,7 +3,9 @@
 One step embeds a packed batch (text, understanding images at their placeholders, generated-image
 tokens through the generation embedding), runs the LLM with a segment-aware causal mask, and takes
 cross-entropy on text targets with the text head and on image-token targets with the image head.
-No per-task weights: every supervised token counts once; each task's loss is reported separately.
+Every supervised token counts once unless the stage sets `loss_weights` (understanding, text,
+generation): then a token of task t counts w_t times (the loss is the weighted mean); each task's
+own mean loss is reported either way.
 
 A stage (see configs/) names its trainable parts; the others get `optax.set_to_zero` through
 `optax.multi_transform`, so frozen parts carry no optimizer state and stay bit-identical.
@@ -92,6 +94,18 @@ def make_optimizer(stage: ml_collections.ConfigDict, opt: ml_collections.ConfigD
   return optax.chain(*chain)
 
 
+def check_loss_weights(stage: ml_collections.ConfigDict) -> tuple[float, float, float] | None:
+  """The stage's per-task loss weights (understanding, text, generation), or None (all 1)."""
+  weights = stage.get("loss_weights", None)
+  if weights is None or tuple(weights) == (1.0, 1.0, 1.0):
+    return None
+  weights = tuple(float(w) for w in weights)
+  if len(weights) != 3 or min(weights) < 0 or max(weights) <= 0:
+    raise ValueError(f"loss_weights = {weights}: need three weights >= 0 (understanding, text, "
+                     "generation), at least one positive")
+  return weights
+
+
 def check_learning_rate_scales(stage: ml_collections.ConfigDict) -> dict[str, float]:
   """The stage's {part: scale}; each part must be one of its trainable parts, each scale >= 0."""
   scales = {k: float(v) for k, v in (stage.get("learning_rate_scales", None) or {}).items()}
@@ -147,9 +161,12 @@ def token_losses(params: Any, model: janus_lib.Janus, hidden_BxTxD: jax.Array,
   return jax.lax.map(one_chunk, chunks).reshape(-1)[:n].reshape(b, t)
 
 
-def loss_and_metrics(params: Any, model: janus_lib.Janus, batch: dict[str, jax.Array]
+def loss_and_metrics(params: Any, model: janus_lib.Janus, batch: dict[str, jax.Array],
+                     loss_weights: Sequence[float] | None = None
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Mean cross-entropy over every supervised token; plus each task's mean loss and token count."""
+  """Mean cross-entropy over every supervised token, each weighted by its task's entry of
+  loss_weights (understanding, text, generation; None: all 1); plus each task's mean loss and
+  token count."""
 
   def trunk(m: janus_lib.Janus):
     hidden, _ = m(embed_batch(m, batch), batch["positions"], llm.segment_mask(batch["segment_ids"]))
@@ -158,8 +175,10 @@ def loss_and_metrics(params: Any, model: janus_lib.Janus, batch: dict[str, jax.A
   hidden = model.apply({"params": params}, method=trunk)
   ce_BxT = token_losses(params, model, hidden, batch["targets"], batch["target_is_image"])
   mask = batch["loss_mask"].astype(jnp.float32)
-  tokens = jnp.maximum(mask.sum(), 1.0)
-  loss = (ce_BxT * mask).sum() / tokens
+  weight_BxT = mask
+  if loss_weights is not None:  # (a Python branch: without weights the step is unchanged)
+    weight_BxT = mask * jnp.asarray(loss_weights, jnp.float32)[jnp.clip(batch["task"], 0, 2)]
+  loss = (ce_BxT * weight_BxT).sum() / jnp.maximum(weight_BxT.sum(), 1e-6)
   metrics = {"loss": loss, "supervised_tokens": mask.sum(),
              "tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32)}
   for i, task in enumerate(TASKS):
@@ -171,15 +190,17 @@ def loss_and_metrics(params: Any, model: janus_lib.Janus, batch: dict[str, jax.A
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: janus_lib.Janus,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               trainable: tuple[str, ...]) -> tuple[TrainState, dict[str, jax.Array]]:
+               trainable: tuple[str, ...], loss_weights: tuple[float, float, float] | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over the trainable parts (jit with a donated state; see train.py).
+  loss_weights: per task (understanding, text, generation), see `loss_and_metrics`.
 
   Frozen parts are closed over, not differentiated: no gradient work and they stay bit-identical.
   """
   train_params, frozen_params = split_trainable(state.params, trainable)
 
   def loss_fn(train_params):
-    return loss_and_metrics({**frozen_params, **train_params}, model, batch)
+    return loss_and_metrics({**frozen_params, **train_params}, model, batch, loss_weights)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params)
   updates, opt_state = optimizer.update(grads, state.opt_state, train_params)

@@ -13,6 +13,7 @@ import train_fixtures
 from janus_jax import sharding, training
 from janus_jax import train_support as support
 from janus_jax.models import janus as janus_lib
+from janus_jax.models import llm
 from test_model_shapes import load_config, tiny_params
 
 
@@ -181,5 +182,54 @@ def test_learning_rate_scales_scale_one_part_and_are_checked():
                           ({"llm": -1.0}, r"stage2.learning_rate_scales \{'llm': -1.0\}")]:
     bad = load_config("tiny")
     bad.stages.stage2.learning_rate_scales = scales  # the encoder is frozen in stage 2
+    with pytest.raises(ValueError, match=message):
+      support.check_stage(bad, "stage2", mesh)
+
+
+def test_loss_weights_weight_each_tasks_tokens_and_are_checked():
+  """With loss_weights (understanding, text, generation) the loss is the weighted mean of the
+  per-token cross-entropies (computed here from token_losses); the per-task losses are unchanged;
+  a weight of 0 removes that task's gradient."""
+  config = load_config("tiny")
+  model = janus_lib.build(config.model)
+  params = tiny_params()
+  batch = jax.tree.map(jnp.asarray, train_fixtures.synthetic_batch(config, 8, 0))
+  task = np.asarray(batch["task"])
+  mask = np.asarray(batch["loss_mask"], np.float64)
+  assert all((mask * (task == t)).sum() > 0 for t in (0, 2))  # (no text fits the tiny rows)
+
+  def trunk(m):
+    return m(training.embed_batch(m, batch), batch["positions"],
+             llm.segment_mask(batch["segment_ids"]))[0]
+
+  hidden = model.apply({"params": params}, method=trunk)
+  ce = np.asarray(training.token_losses(params, model, hidden, batch["targets"],
+                                        batch["target_is_image"]), np.float64)
+  loss_fn = jax.jit(training.loss_and_metrics, static_argnums=(1, 3))
+  plain_loss, plain = loss_fn(params, model, batch, None)
+  weights = (3.0, 0.5, 1.0)
+  loss, metrics = loss_fn(params, model, batch, weights)
+  w = mask * np.asarray(weights)[np.clip(task, 0, 2)]
+  np.testing.assert_allclose(float(loss), (ce * w).sum() / w.sum(), rtol=1e-5)
+  np.testing.assert_allclose(float(plain_loss), (ce * mask).sum() / mask.sum(), rtol=1e-5)
+  assert abs(float(loss) - float(plain_loss)) > 1e-3
+  for t in training.TASKS:
+    np.testing.assert_allclose(float(metrics[f"loss/{t}"]), float(plain[f"loss/{t}"]), rtol=1e-6)
+
+  # Only generation counts: the understanding aligner (reached only through understanding
+  # tokens' image placeholders) gets no gradient; with all weights 1 it does.
+  grad = jax.jit(jax.grad(lambda p, lw: training.loss_and_metrics(p, model, batch, lw)[0]),
+                 static_argnums=1)
+  only_gen = grad(params, (0.0, 0.0, 1.0))["understanding_aligner"]
+  every = grad(params, (1.0, 1.0, 1.0))["understanding_aligner"]
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(only_gen)) == 0.0
+  assert max(float(jnp.abs(g).max()) for g in jax.tree.leaves(every)) > 0.0
+
+  mesh = sharding.make_mesh((8, 1, 1))
+  for weights, message in [((1.0, -1.0, 1.0), r"stage2.loss_weights = \(1.0, -1.0, 1.0\)"),
+                           ((0.0, 0.0, 0.0), "at least one positive"),
+                           ((1.0, 2.0), "need three weights")]:
+    bad = load_config("tiny")
+    bad.stages.stage2.loss_weights = weights
     with pytest.raises(ValueError, match=message):
       support.check_stage(bad, "stage2", mesh)
