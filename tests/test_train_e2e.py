@@ -88,6 +88,7 @@ def uninterrupted(root):
 def test_resume_after_kill_and_sigterm_matches_an_uninterrupted_run(root, uninterrupted):
   reference = _losses(uninterrupted)
   assert sorted(reference) == list(range(1, 13))
+  assert "loss weights (2.0, 1.0, 1.0)" in _log(root, "a")
   workdir = root / "b"
   proc = _start(root, workdir)
   _wait_for_step(proc, workdir, 3)

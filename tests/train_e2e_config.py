@@ -22,7 +22,8 @@ def get_config(root: str = "") -> ml_collections.ConfigDict:
   s = recipes.stage
   stages = ml_collections.ConfigDict(dict(
       stage1=s(recipes.STAGE1_PARTS, 1e-2, 0, 4, 4, (1, 0, 3)),
-      stage2=s(recipes.STAGE2_PARTS, 3e-3, 1, 6, 4, (2, 3, 5))))
+      # (weighted understanding tokens: train.py's loss_weights path runs in every e2e test)
+      stage2=s(recipes.STAGE2_PARTS, 3e-3, 1, 6, 4, (2, 3, 5), loss_weights=(2, 1, 1))))
   c = recipes.training_config(model, stages)
   c.model.dtype = "float32"
   c.model.remat_policy = "none"
