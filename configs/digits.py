@@ -47,7 +47,8 @@ def get_config(arg: str | None = None):
       stage3=s(recipes.STAGE3_PARTS, 2e-3, 50, 500, 16, (4, 1, 3), cooldown_steps=450,
                learning_rate_scales={"understanding_encoder": 0.1})))
   # Not kept (one full run each, `digits_eval.py --per_digit 30`; this config: 96.4 % and
-  # 68.0 / 90.7 / 88.3 % at CFG 1 / 3 / 5): batch 8 and twice the steps in stages 2-3 (the same
+  # 68.0 / 90.7 / 88.3 % at CFG 1 / 3 / 5 with seed 0, 96.0 / 96.2 % and 48.3 / 75.7 / 73.0 and
+  # 59.7 / 81.7 / 75.0 % with seeds 1 / 2, so one run ranks nothing finer than that): batch 8 and twice the steps in stages 2-3 (the same
   # examples and time; stage-2 generation loss 2.54 against 2.80 after 300 steps' time) read
   # 95.4 % and 60.0 / 78.3 / 77.0 %; loss_weights (4, 1, 1) in stages 2-3: 95.4 % and
   # 70.0 / 91.3 / 87.7 %; a 64-code VQ (20.5 dB): 97.0 % and 65.7 / 86.7 / 73.0 %.
