@@ -3,6 +3,7 @@ the evaluation on a random tiny model."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -12,11 +13,11 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from janus_jax import encoder_pretraining, eval_digits, processing, vq_training
-from janus_jax.data import digits, pipeline
+from janus_jax import encoder_pretraining, eval_digits, processing, training, vq_training
+from janus_jax.data import digits, packing, pipeline, transforms
 from janus_jax.models import janus as janus_lib
 from janus_jax.models import presets
-from janus_jax.pretrained import write_converted
+from janus_jax.pretrained import load_pretrained, write_converted
 from janus_jax.tokenizer import SP_SPECIALS, Tokenizer
 
 LIMIT = 40  # examples per split
@@ -213,16 +214,52 @@ def test_encoder_pretraining_learns_and_saves(tmp_path, head, steps, floor, rota
   assert not (tmp_path / "bad").exists()
 
 
-def test_eval_on_a_random_tiny_model(built, tmp_path):
-  _, tok_dir = built
+def _tiny_checkpoint(tok_dir: str, path: str) -> str:
   cfg = presets.janus(
       presets.llm(64, 2, 4, 128, num_kv_heads=2, vocab_size=digits.VOCAB_SIZE,
                   max_position_embeddings=512),
       presets.vision(image_size=32, patch_size=8, width=32, depth=1, num_heads=4, mlp_dim=64),
       presets.vq(**TINY_VQ), aligner_depth=1, generation_aligner_depth=1)
   params = janus_lib.init_params_host(janus_lib.build(cfg), 0)
-  ckpt = str(tmp_path / "model")
-  write_converted(ckpt, params, cfg, "janus_pro", tok_dir, overwrite=False)
+  write_converted(path, params, cfg, "janus_pro", tok_dir, overwrite=False)
+  return path
+
+
+def test_caption_log_likelihoods_equal_the_training_loss(built, tmp_path):
+  """The eval's teacher-forced scores against the training path (a packed row through
+  transforms.generation_example, packing.assemble_row and training.loss_and_metrics): per
+  (image, prompt), score = -64 x the generation loss; the last column is the CFG-dropped row."""
+  _, tok_dir = built
+  pre = load_pretrained(_tiny_checkpoint(tok_dir, str(tmp_path / "model")))
+  leaves, treedef = jax.tree.flatten(pre.params)  # random, far from uniform predictions
+  keys = jax.random.split(jax.random.key(1), len(leaves))
+  pre = dataclasses.replace(pre, params=jax.tree.unflatten(treedef, [
+      0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+  num_tokens, codebook = pre.config.vq.grid_size ** 2, pre.config.vq.codebook_size
+  ids_NxL = np.random.default_rng(0).integers(0, codebook, (3, num_tokens))
+  captions = ["a handwritten digit seven", "the number 2 written by hand"]
+  scores = eval_digits.caption_log_likelihoods(pre, ids_NxL, captions, batch_size=2)
+  assert scores.shape == (3, 3) and np.all(scores < 0)
+  tok = pre.tokenizer
+  for drop in (0.0, 1.0):
+    layout = transforms.Layout(tok, "janus_pro", 300, 1, 32, 32, 16, num_tokens, drop, "", "Q?")
+    for p, caption in enumerate(captions if drop == 0 else captions[:1]):
+      for i, ids in enumerate(ids_NxL):
+        ex = transforms.generation_example(caption, layout, np.random.default_rng(0),
+                                           image_ids=ids)
+        row = packing.assemble_row([ex], 300, 1, 32, tok.pad_id, tok.image_placeholder_id)
+        batch = {k: jnp.asarray(v[None]) for k, v in row.items()}
+        _, metrics = training.loss_and_metrics(pre.params, pre.model, batch)
+        assert float(metrics["tokens/generation"]) == num_tokens
+        expected = -num_tokens * float(metrics["loss/generation"])
+        column = p if drop == 0 else len(captions)
+        np.testing.assert_allclose(scores[i, column], expected, rtol=1e-5, atol=1e-2)
+  assert np.all(np.abs(scores[:, 0] - scores[:, 1]) > 1.0)  # the caption matters
+
+
+def test_eval_on_a_random_tiny_model(built, tmp_path):
+  _, tok_dir = built
+  ckpt = _tiny_checkpoint(tok_dir, str(tmp_path / "model"))
   run = tmp_path / "run"
   for stage in ("stage1", "stage2"):
     (run / stage).mkdir(parents=True)
@@ -235,6 +272,9 @@ def test_eval_on_a_random_tiny_model(built, tmp_path):
   assert results["classifier"]["test_accuracy"] >= 0.95  # on the 500 real held-out digits
   und = results["understanding"]
   assert und["count"] == 20 and 0 <= und["accuracy"] <= 1 and len(und["per_digit"]) == 10
+  cond = results["conditioning"]
+  assert cond["count"] == 20 and 0 <= cond["accuracy"] <= 1 and len(cond["per_digit"]) == 10
+  assert 0 <= cond["information_nats"] <= np.log(10) + 1e-6 and cond["nll_nats"] > 0
   assert set(results["generation"]["cfg"]) == {"1.0", "3.0"}
   for r in results["generation"]["cfg"].values():
     assert 0 <= r["accuracy"] <= 1 and len(r["per_digit"]) == 10
@@ -244,3 +284,4 @@ def test_eval_on_a_random_tiny_model(built, tmp_path):
   assert json.loads((out / "results.json").read_text())["files"] == results["files"]
   table = eval_digits.markdown_table(results)
   assert table.count("\n| generation, CFG") == 2 and "understanding" in table
+  assert "\n| caption classification |" in table
