@@ -14,6 +14,7 @@ import pytest
 
 from janus_jax.models import janus as janus_lib
 from janus_jax.models import llm
+from janus_jax.models import matmul
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
@@ -180,11 +181,13 @@ def test_bfloat16_compute_and_params_track_float32():
     assert err < 0.05, err
 
 
-@pytest.mark.parametrize("policy,scan_layers", [("full", True), ("dots", True), ("none", False),
-                                                ("full", False)])
-def test_remat_and_unrolled_layers_keep_values_and_gradients(policy, scan_layers):
-  """Remat policies and the Python loop over layers (scan_layers False) change how the LLM and
-  the ViT run, never what they compute: values and gradients equal the plain scan's."""
+@pytest.mark.parametrize("policy,scan_layers,materialize", [
+    ("full", True, False), ("dots", True, False), ("none", False, False), ("full", False, False),
+    ("none", True, True), ("none", False, True)])
+def test_remat_and_unrolled_layers_keep_values_and_gradients(policy, scan_layers, materialize):
+  """Remat policies, the Python loop over layers (scan_layers False) and the LLM's
+  materialised-transpose weight gradients change how the LLM and the ViT run, never what they
+  compute: values and gradients equal the plain scan's."""
   cfg = load_config("tiny").model
   params = tiny_params()
   rng = np.random.default_rng(1)
@@ -202,6 +205,7 @@ def test_remat_and_unrolled_layers_keep_values_and_gradients(policy, scan_layers
   variant = cfg.copy_and_resolve_references()
   variant.remat_policy = policy
   variant.scan_layers = scan_layers
+  variant.materialize_grad_transpose = materialize
   plain = jax.value_and_grad(loss)(params, janus_lib.build(cfg))
   other = jax.value_and_grad(loss)(params, janus_lib.build(variant))
   np.testing.assert_allclose(other[0], plain[0], rtol=1e-6)
@@ -210,6 +214,26 @@ def test_remat_and_unrolled_layers_keep_values_and_gradients(policy, scan_layers
              for k, g in grads)
   for a, b in zip(jax.tree.leaves(other[1]), jax.tree.leaves(plain[1])):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_materialized_transpose_dot_equals_dot_general():
+  """Dense (one contracting axis), o_proj's DenseGeneral (two), and dots it must hand to
+  `lax.dot_general` (crossed contracting pairs, batch axes): values and both gradients equal
+  `lax.dot_general`'s."""
+  rng = np.random.default_rng(2)
+  cases = [((3, 5, 8), (8, 6), (((2,), (0,)), ((), ()))),
+           ((3, 5, 4, 2), (4, 2, 7), (((2, 3), (0, 1)), ((), ()))),
+           ((3, 5, 4, 2), (2, 4, 7), (((3, 2), (0, 1)), ((), ()))),  # crossed pairs: falls back
+           ((3, 5, 8), (3, 8, 6), (((2,), (1,)), ((0,), (0,))))]
+  for x_shape, w_shape, dims in cases:
+    x = jnp.asarray(rng.normal(size=x_shape), jnp.float32)
+    w = jnp.asarray(rng.normal(size=w_shape), jnp.float32)
+    g = jnp.asarray(rng.normal(size=jax.lax.dot_general(x, w, dims).shape), jnp.float32)
+    ref_out, ref_vjp = jax.vjp(lambda a, b: jax.lax.dot_general(a, b, dims), x, w)
+    out, vjp = jax.vjp(lambda a, b: matmul.materialized_transpose_dot(a, b, dims), x, w)
+    np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-5)
+    for got, want in zip(jax.jit(vjp)(g), ref_vjp(g)):
+      np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_remat_policy_is_rejected():

@@ -44,7 +44,9 @@ class Janus(nn.Module):
         embedding_init=llm.param_with_axes(llm.default_kernel_init, ("codebook", None)))
     self.generation_aligner = adapters.MlpAligner(d, c.generation_aligner_depth, **kw)
     self.image_head = adapters.ImageHead(c.image_head_dim, c.vq.codebook_size, **kw)
-    self.llm = llm.LanguageModel(c.llm, **layers, **kw)
+    self.llm = llm.LanguageModel(
+        c.llm, **layers, **kw,
+        materialize_grad_transpose=c.get("materialize_grad_transpose", False))
 
   # --- inputs -------------------------------------------------------------------------------
   def encode_images(self, pixels_BxHxWx3: jax.Array) -> jax.Array:

@@ -19,6 +19,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from janus_jax.models.matmul import dense_dot_general
+
 Dtype = Any
 
 default_kernel_init = nn.initializers.normal(stddev=0.02)
@@ -103,12 +105,15 @@ class Attention(nn.Module):
   rope_theta: float
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  materialize_grad_transpose: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, kv_cache, cache_index):
+    dot_general = dense_dot_general(self.materialize_grad_transpose)
     dense = lambda features, axes, name, in_axes=-1: nn.DenseGeneral(
         features, axis=in_axes, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=param_with_axes(default_kernel_init, axes), name=name)
+        kernel_init=param_with_axes(default_kernel_init, axes), name=name,
+        dot_general=dot_general)
     q_BxTxNxH = dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), "q_proj")(x_BxTxD)
     k_BxTxKxH = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), "k_proj")(x_BxTxD)
     v_BxTxKxH = dense((self.num_kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), "v_proj")(x_BxTxD)
@@ -134,7 +139,7 @@ class Attention(nn.Module):
     out = nn.DenseGeneral(x_BxTxD.shape[-1], axis=(-2, -1), use_bias=False, dtype=self.dtype,
                           param_dtype=self.param_dtype,
                           kernel_init=param_with_axes(default_kernel_init, ("heads", "head_dim", "embed")),
-                          name="o_proj")(out_BxTxNxH)
+                          name="o_proj", dot_general=dot_general)(out_BxTxNxH)
     return out, new_cache
 
 
@@ -157,12 +162,14 @@ class Mlp(nn.Module):
   mlp_dim: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  materialize_grad_transpose: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD):
     dense = lambda features, axes, name: nn.Dense(
         features, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=param_with_axes(default_kernel_init, axes), name=name)
+        kernel_init=param_with_axes(default_kernel_init, axes), name=name,
+        dot_general=dense_dot_general(self.materialize_grad_transpose))
     gate = dense(self.mlp_dim, ("embed", "mlp"), "gate_proj")(x_BxTxD)
     up = dense(self.mlp_dim, ("embed", "mlp"), "up_proj")(x_BxTxD)
     return dense(x_BxTxD.shape[-1], ("mlp", "embed"), "down_proj")(nn.silu(gate) * up)
@@ -174,6 +181,7 @@ class DecoderLayer(nn.Module):
   config: Any
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  materialize_grad_transpose: bool = False
 
   @nn.compact
   def __call__(self, carry, layer, positions_BxT, mask_BxTxS, cache_index):
@@ -184,11 +192,11 @@ class DecoderLayer(nn.Module):
     x_BxTxD = nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
     attn_out, layer_cache = Attention(
         c.num_heads, c.num_kv_heads, c.head_dim, c.rope_theta, self.dtype, self.param_dtype,
-        name="self_attn")(norm("input_layernorm")(x_BxTxD), positions_BxT, mask_BxTxS, layer_cache,
-                          cache_index)
+        self.materialize_grad_transpose, name="self_attn")(
+            norm("input_layernorm")(x_BxTxD), positions_BxT, mask_BxTxS, layer_cache, cache_index)
     h = x_BxTxD + attn_out
-    h = h + Mlp(c.mlp_dim, self.dtype, self.param_dtype, name="mlp")(
-        norm("post_attention_layernorm")(h))
+    h = h + Mlp(c.mlp_dim, self.dtype, self.param_dtype, self.materialize_grad_transpose,
+                name="mlp")(norm("post_attention_layernorm")(h))
     cache_k, cache_v = (None, None) if layer_cache is None else layer_cache
     return (h, cache_k, cache_v), None
 
@@ -222,6 +230,7 @@ class DecoderStack(nn.Module):
   False runs the layers as a Python loop over that axis instead of a scan: compile time grows
   with depth, but XLA:CPU then skips the scan's stacked residual buffers (zero-filled, written
   and sliced per layer every step): the digits demo's train step runs ~10 % faster.
+  `materialize_grad_transpose`: see `matmul.materialized_transpose_dot`.
   """
 
   config: Any
@@ -229,6 +238,7 @@ class DecoderStack(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = True
+  materialize_grad_transpose: bool = False
 
   @nn.compact
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache: KVCache | None = None):
@@ -244,10 +254,11 @@ class DecoderStack(nn.Module):
           in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
           length=c.num_layers,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(c, self.dtype, self.param_dtype, name="layers")
+      )(c, self.dtype, self.param_dtype, self.materialize_grad_transpose, name="layers")
       carry, _ = scanned(carry, jnp.arange(c.num_layers), positions_BxT, mask_BxTxS, index)
     else:
-      layer = DecoderLayer(c, self.dtype, self.param_dtype, parent=None)
+      layer = DecoderLayer(c, self.dtype, self.param_dtype, self.materialize_grad_transpose,
+                           parent=None)
       carry = apply_unrolled(layer, split_layers(nn.unbox(self.variables["params"]["layers"])),
                              carry, positions_BxT, mask_BxTxS, index,
                              remat_policy=self.remat_policy)
@@ -318,6 +329,7 @@ class LanguageModel(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = True
+  materialize_grad_transpose: bool = False
 
   def setup(self):
     c = self.config
@@ -325,10 +337,11 @@ class LanguageModel(nn.Module):
         c.vocab_size, c.hidden_size, dtype=self.dtype, param_dtype=self.param_dtype,
         embedding_init=param_with_axes(default_kernel_init, ("vocab", "embed")))
     self.decoder = DecoderStack(c, self.dtype, self.param_dtype, self.remat_policy,
-                                self.scan_layers)
+                                self.scan_layers, self.materialize_grad_transpose)
     self.lm_head = nn.Dense(
         c.vocab_size, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=param_with_axes(default_kernel_init, ("embed", "vocab")))
+        kernel_init=param_with_axes(default_kernel_init, ("embed", "vocab")),
+        dot_general=dense_dot_general(self.materialize_grad_transpose))
 
   def embed(self, ids_BxT: jax.Array) -> jax.Array:
     return self.embed_tokens(ids_BxT)

@@ -39,15 +39,19 @@ def vq(codebook_size: int = 16384, codebook_dim: int = 8, z_channels: int = 256,
 
 def janus(llm_config, vision_config=None, vq_config=None, *, aligner_depth: int = 2,
           generation_aligner_depth: int = 2, dtype: str = "float32", param_dtype: str = "float32",
-          remat_policy: str = "none", scan_layers: bool = True) -> ml_collections.ConfigDict:
+          remat_policy: str = "none", scan_layers: bool = True,
+          materialize_grad_transpose: bool = False) -> ml_collections.ConfigDict:
   """A full model config. The image head's hidden width equals the LLM width, as released.
   scan_layers False: the LLM's and the ViT's layers run as Python loops, not scans (faster steps
-  for small models on CPUs; compile time grows with depth)."""
+  for small models on CPUs; compile time grows with depth). materialize_grad_transpose: the LLM's
+  Dense layers compute weight gradients as x^T @ g from a materialised x^T (faster on XLA:CPU;
+  `llm.materialized_transpose_dot`)."""
   return ml_collections.ConfigDict(dict(
       llm=llm_config, vision=vision_config or vision(), vq=vq_config or vq(),
       aligner_depth=aligner_depth, generation_aligner_depth=generation_aligner_depth,
       image_head_dim=llm_config.hidden_size, dtype=dtype, param_dtype=param_dtype,
-      remat_policy=remat_policy, scan_layers=scan_layers))
+      remat_policy=remat_policy, scan_layers=scan_layers,
+      materialize_grad_transpose=materialize_grad_transpose))
 
 
 def janus_1b() -> ml_collections.ConfigDict:
