@@ -66,7 +66,7 @@ def get_config(arg: str | None = None):
   c.model.remat_policy = "none"
   c.model.scan_layers = False    # Python loops over the 4 + 2 layers: ~10 % faster steps on CPU
   # Weight gradients from a materialised x^T (matmul.materialized_transpose_dot): stage-2 steps
-  # x0.79-0.81, stage-3 x0.86 (A/B rounds in one process); that time buys 1.5x the steps.
+  # x0.77-0.81, stage-3 x0.86 (A/B rounds in one process); that time buys 1.5x the steps.
   c.model.materialize_grad_transpose = True
   # XLA:CPU's own (Eigen) dots instead of YNNPACK fusions, for every step from stage 0 on:
   # stage-2 steps 684/664 ms against 735/718 (two A/B rounds in one process, idle 2-core host);
