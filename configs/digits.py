@@ -47,10 +47,10 @@ def get_config(arg: str | None = None):
       stage3=s(recipes.STAGE3_PARTS, 2e-3, 50, 750, 16, (4, 1, 3), cooldown_steps=675,
                learning_rate_scales={"understanding_encoder": 0.1})))
   # Stages 2-3 run 1.5x the steps of the recipe before (600 / 500, cooldown 450), paid for by the
-  # faster step (materialize_grad_transpose below). `digits_eval.py --per_digit 30`, seeds 0 / 1 /
-  # 2: understanding 95.6 / 96.0 / 95.6 %; generation at CFG 1 / 3 / 5 80.0 / 95.0 / 85.7,
-  # 71.3 / 94.7 / 86.0, 83.3 / 99.3 / 93.3 %; caption classification 87.4 / 88.4 / 91.8 %; 13:35,
-  # 13:18, 13:28 of wall time. The 600 / 500-step recipe: 96.4 / 96.0 / 96.2 %; 68.0 / 90.7 /
+  # faster step (materialize_grad_transpose below). `digits_eval.py --per_digit 30`, seeds 0-3:
+  # understanding 95.6 / 96.0 / 95.6 / 96.0 %; generation at CFG 1 / 3 / 5 80.0 / 95.0 / 85.7,
+  # 71.3 / 94.7 / 86.0, 83.3 / 99.3 / 93.3, 78.3 / 97.3 / 91.3 %; caption classification 87.4 /
+  # 88.4 / 91.8 / 91.8 %; 13:35, 13:18, 13:28 of wall time, 15:41 in a slow hour of the host. The 600 / 500-step recipe: 96.4 / 96.0 / 96.2 %; 68.0 / 90.7 /
   # 88.3, 48.3 / 75.7 / 73.0, 59.7 / 81.7 / 75.0 %; 88.0 / 76.6 / 83.4 %.
   # Not kept (one full run each on the 600 / 500-step recipe, so nothing finer than its seeds'
   # spread is ranked): batch 8 and twice the steps in stages 2-3 (the same examples and time;
