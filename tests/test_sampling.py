@@ -85,6 +85,24 @@ def test_greedy_image_tokens_match_transformers(setup, unroll_layers):
   np.testing.assert_array_equal(ours, _hf_image_tokens(hf, ids, valid, do_sample=False))
 
 
+def test_unrolled_whole_kernels_off_cpu_match_transformers(setup):
+  """Off XLA:CPU the unrolled sampler keeps each kernel whole (one gemm per weight): the backend
+  is reported as a GPU while the weights are prepared, and the tokens still equal the oracle's."""
+  hf, model, params = setup
+  ids, valid = _t2i_prompts()
+  kernel = params["llm"]["decoder"]["layers"]["mlp"]["up_proj"]["kernel"][0]
+  with mock.patch.object(decode, "BLOCK_COLUMNS", 7):
+    assert len(decode.split_columns(kernel, 1, jnp.float32)) > 1
+    jax.clear_caches()
+    with mock.patch.object(jax, "default_backend", return_value="gpu"):
+      assert len(decode.split_columns(kernel, 1, jnp.float32)) == 1
+      ours = np.asarray(sampling.generate_image_tokens(
+          model, params, ids, valid, rng=jax.random.key(0), pad_id=PAD, cfg_weight=CFG,
+          settings=sampling.GREEDY, unroll_layers=True))
+  jax.clear_caches()
+  np.testing.assert_array_equal(ours, _hf_image_tokens(hf, ids, valid, do_sample=False))
+
+
 @pytest.mark.parametrize("path", ["layer_scan", "blocked"])
 def test_cached_decode_equals_full_forward(setup, path):
   """Teacher-forced cached steps give the logits of one uncached forward; CFG argmax = tokens.

@@ -1,4 +1,4 @@
-"""One-token decode steps over weights laid out for streaming: the sampler's CPU path.
+"""One-token decode steps over per-layer weights: the sampler's unrolled path (the CPU default).
 
 A decode step multiplies 2-16 rows by every weight matrix once, so reading the weights bounds it.
 XLA:CPU streams a wide [K, N] float32 kernel through one dot of so few rows at about 16 GB/s,
@@ -9,6 +9,8 @@ executor runs the independent dots on both cores, and narrow panels tile better 
 or concatenating blocks back, copies it every step. So the `prepare_*` functions split the
 trunk, the image head and the text head once per generate call, outside the loop, and the steps
 read every block in place. KV caches are per layer (`llm.KVCache.per_layer`) for the same reason.
+Off XLA:CPU each kernel stays one block (unmeasured on a GPU so far: benchmarks/sampling.py
+--preset pro1b --dtype bfloat16 times this path against the layer scan).
 
 The math is llm.DecoderLayer's (shared: `llm.rms_norm`, `llm.rotary_embedding`, `llm.attend`) and
 adapters.ImageHead's; tests/test_sampling.py checks the sampler on this path against
@@ -34,9 +36,11 @@ BLOCK_COLUMNS = 768
 def split_columns(kernel: jax.Array, in_axes: int, dtype, width: int | None = None
                   ) -> tuple[jax.Array, ...]:
   """kernel [*in (in_axes of them), *out] -> near-equal column blocks [prod(in), <= width] in
-  `dtype` (width: BLOCK_COLUMNS by default)."""
+  `dtype` (width: BLOCK_COLUMNS on XLA:CPU; elsewhere one block, as a GPU gemm wants the whole
+  kernel in one call)."""
   k_IxO = kernel.reshape(math.prod(kernel.shape[:in_axes]), -1).astype(dtype)
-  count = -(-k_IxO.shape[1] // (width or BLOCK_COLUMNS))
+  width = width or (BLOCK_COLUMNS if jax.default_backend() == "cpu" else k_IxO.shape[1])
+  count = -(-k_IxO.shape[1] // width)
   bounds = np.linspace(0, k_IxO.shape[1], count + 1).round().astype(int)
   return tuple(k_IxO[:, a:b] for a, b in zip(bounds[:-1], bounds[1:]))
 
