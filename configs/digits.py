@@ -85,6 +85,11 @@ def get_config(arg: str | None = None):
   c.data.update(dict(seq_len=128, max_images_per_row=2, image_size=32, gen_image_size=32,
                      num_image_tokens_und=16, num_image_tokens_gen=64, system_prompt="",
                      cfg_drop=0.2, und_max_shift=2, vq_batch=64, read_threads=0, prefetch=2))
+  # The understanding images also rotate (+-12 deg) and scale (+-10 %), as in the encoder's
+  # pretraining: from the same stage-1 checkpoint (seed 0), understanding 97.0 % against 95.6 %
+  # with shifts alone. Without it the LLM fit the training digits no better than the held-out ones
+  # (97.4 % on 500 training digits) at an understanding loss of ~0.11.
+  c.data.update(dict(und_max_rotation=12.0, und_max_scale=0.1))
   c.data.sources.understanding = pipeline.source_config(
       digits.CHAT, data_dir=data_dir, features=digits.CHAT_FEATURES)
   c.data.sources.text = pipeline.source_config(
@@ -114,6 +119,7 @@ def get_config(arg: str | None = None):
                             head_dim=32, mlp_dim=384))
     c.model.image_head_dim = 128  # the image head is as wide as the LLM
     # encoder_head "flatten": 91 % in 150 steps where "map" is at 45 % (encoder_pretraining.py).
+    c.data.update(dict(und_max_rotation=0.0, und_max_scale=0.0))  # the quick figures' recipe
     c.prepare.update(dict(vq_steps=120, encoder_steps=150, encoder_batch_size=64,
                           encoder_head="flatten", encoder_max_rotation=0.0,
                           encoder_max_scale=0.0))

@@ -157,6 +157,49 @@ def test_understanding_random_shift(env):
   assert len(offsets) > 2  # random offsets, not one fixed move
 
 
+class _FixedDraws:
+  """An rng whose uniform draws are given: (angle, scale offset, shift pair)."""
+
+  def __init__(self, angle: float, scale: float, shift: tuple[float, float]):
+    self.draws = [angle, scale, np.asarray(shift, float)]
+
+  def uniform(self, low, high, size=None):
+    return self.draws.pop(0)
+
+
+def test_random_affine_geometry():
+  """A quarter turn is np.rot90 (bilinear at whole-pixel points is exact); a whole-pixel move is
+  a shift with edges repeated; a small random map keeps shape, dtype and the value range."""
+  image = np.random.default_rng(0).uniform(-1, 1, (9, 9, 3)).astype(np.float32)
+  turned = transforms.random_affine(image, 0, 90, 0, _FixedDraws(90.0, 0.0, (0, 0)))
+  np.testing.assert_allclose(turned, np.rot90(image), atol=1e-5)
+  moved = transforms.random_affine(image, 2, 0, 0, _FixedDraws(0.0, 0.0, (1, -2)))
+  padded = np.pad(image, ((2, 2), (2, 2), (0, 0)), "edge")
+  np.testing.assert_allclose(moved, padded[1:10, 4:13], atol=1e-5)  # rows from -1, cols from +2
+  bigger = transforms.random_affine(image, 0, 0, 0.5, _FixedDraws(0.0, 0.5, (0, 0)))
+  np.testing.assert_allclose(bigger[4, 4], image[4, 4], atol=1e-5)  # the centre stays put
+  warped = transforms.random_affine(image, 2, 12, 0.1, np.random.default_rng(1))
+  assert warped.shape == image.shape and warped.dtype == np.float32
+  assert image.min() - 1e-6 <= warped.min() and warped.max() <= image.max() + 1e-6
+  assert not np.allclose(warped, image)
+
+
+def test_understanding_random_rotation_and_scale(env):
+  """und_max_rotation / und_max_scale warp each understanding image by its own random map; the
+  tokens are untouched."""
+  def first(**kw):
+    return rows(env.pipeline((1, 0, 0), shuffle=False, pack=False, **kw), 8)
+  plain, warped = first(), first(und_max_shift=1, und_max_rotation=12.0, und_max_scale=0.1)
+  changed = 0
+  for a, b in zip(plain, warped):
+    np.testing.assert_array_equal(a["input_ids"], b["input_ids"])
+    np.testing.assert_array_equal(a["loss_mask"], b["loss_mask"])
+    for j in np.flatnonzero(a["image_valid"]):
+      assert b["pixels"][j].shape == a["pixels"][j].shape
+      changed += not np.allclose(a["pixels"][j], b["pixels"][j])
+  assert changed >= 6
+
+
 def test_understanding_from_caption_pairs(env):
   c = env.config(shuffle=False, pack=False, caption_prompt="What is shown?", system_prompt="")
   c.sources.understanding = dict(name=env.names["captions"], data_dir=str(env.data_dir),

@@ -20,6 +20,8 @@ Data config (`default_config()`; missing fields take these defaults):
   caption_prompt "Describe this image in detail."  the question for image-caption und. data
   und_max_shift 0            augmentation: understanding images move by a random offset of up to
                              this many pixels each way (edges repeated); 0 = off
+  und_max_rotation 0.0       ... and rotate by up to this many degrees each way, and
+  und_max_scale 0.0          scale by 1 +- this (bilinear; transforms.random_affine); 0 = off
   shuffle True               shuffle each source (reshuffled every epoch); sources repeat forever
   vq_batch 16                images per image_tokenizer call (a fixed shape)
   read_threads 4, prefetch 16   grain ReadOptions per source (0 threads: read inline)
@@ -77,7 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
       "seq_len": 4096, "pack": True, "max_images_per_row": 4, "cfg_drop": 0.1,
       "image_size": 384, "gen_image_size": 384, "num_image_tokens_und": 576,
       "num_image_tokens_gen": 576, "system_prompt": None,
-      "caption_prompt": "Describe this image in detail.", "und_max_shift": 0, "shuffle": True,
+      "caption_prompt": "Describe this image in detail.", "und_max_shift": 0,
+      "und_max_rotation": 0.0, "und_max_scale": 0.0, "shuffle": True,
       "vq_batch": 16,
       "read_threads": 4, "prefetch": 16, "sources": ml_collections.ConfigDict()})
 
@@ -325,7 +328,9 @@ def make_dataset(data_config: Any, tokenizer: Tokenizer, family: str, *, seed: i
       num_image_tokens_gen=int(_get(c, "num_image_tokens_gen", 576)),
       cfg_drop=float(_get(c, "cfg_drop", 0.1)), system_prompt=system,
       caption_prompt=_get(c, "caption_prompt", "Describe this image in detail."),
-      und_max_shift=int(_get(c, "und_max_shift", 0)))
+      und_max_shift=int(_get(c, "und_max_shift", 0)),
+      und_max_rotation=float(_get(c, "und_max_rotation", 0.0)),
+      und_max_scale=float(_get(c, "und_max_scale", 0.0)))
   if family not in processing.ROLES:
     raise ValueError(f"unknown family {family!r}; expected one of {sorted(processing.ROLES)}")
   weights = _weights(mixture)

@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from janus_jax import processing
 from janus_jax.tokenizer import IMAGE_TAG, Tokenizer
@@ -49,6 +50,8 @@ class Layout:
   system_prompt: str
   caption_prompt: str
   und_max_shift: int = 0
+  und_max_rotation: float = 0.0
+  und_max_scale: float = 0.0
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -153,7 +156,8 @@ def chat_example(messages: list[dict[str, str]], images: Sequence[Any], layout: 
                  where: str = "", rng: np.random.Generator | None = None) -> Example:
   """Chat template (system prompt, placeholders expanded to BOI + N x placeholder + EOI), loss
   on each assistant answer and its EOS; `{}` when it cannot fit (see the module docstring).
-  With layout.und_max_shift > 0, each image moves by a random offset drawn from `rng`."""
+  With layout.und_max_shift > 0, each image moves by a random offset drawn from `rng`; with
+  und_max_rotation / und_max_scale too, it goes through a random affine map (`random_affine`)."""
   tok = layout.tokenizer
   if len(images) > layout.max_images:
     return {}
@@ -191,10 +195,15 @@ def chat_example(messages: list[dict[str, str]], images: Sequence[Any], layout: 
   s = layout.image_size
   pixels = np.stack([processing.preprocess_image(as_image(im), s) for im in images]) if images \
       else _no_pixels(layout)
-  if images and layout.und_max_shift:
+  affine = layout.und_max_rotation or layout.und_max_scale
+  if images and (layout.und_max_shift or affine):
     if rng is None:
-      raise ValueError("und_max_shift needs an rng")
-    pixels = np.stack([random_shift(p, layout.und_max_shift, rng) for p in pixels])
+      raise ValueError("und_max_shift / und_max_rotation / und_max_scale need an rng")
+    if affine:
+      pixels = np.stack([random_affine(p, layout.und_max_shift, layout.und_max_rotation,
+                                       layout.und_max_scale, rng) for p in pixels])
+    else:
+      pixels = np.stack([random_shift(p, layout.und_max_shift, rng) for p in pixels])
   return _example(ids, loss, UNDERSTANDING, pixels.astype(np.float32))
 
 
@@ -205,6 +214,24 @@ def random_shift(pixels_SxSxC: np.ndarray, max_shift: int, rng: np.random.Genera
   padded = np.pad(pixels_SxSxC, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)), "edge")
   dy, dx = rng.integers(0, 2 * max_shift + 1, size=2)
   return padded[dy:dy + s, dx:dx + s]
+
+
+def random_affine(pixels_SxSxC: np.ndarray, max_shift: float, max_rotation: float,
+                  max_scale: float, rng: np.random.Generator) -> np.ndarray:
+  """The image rotated by a uniform angle in +-max_rotation degrees and scaled by 1 +- max_scale
+  about its centre, then moved by up to +-max_shift pixels per axis (sub-pixel); bilinear, edges
+  repeated (as random_shift)."""
+  s = pixels_SxSxC.shape[0]
+  angle = np.deg2rad(rng.uniform(-max_rotation, max_rotation))
+  scale = 1.0 + rng.uniform(-max_scale, max_scale)
+  shift_2 = rng.uniform(-max_shift, max_shift, size=2)
+  centre_2 = np.full(2, (s - 1) / 2)
+  # affine_transform maps each output (row, col) o to the input point inv @ o + offset.
+  inv_2x2 = np.array([[np.cos(angle), np.sin(angle)], [-np.sin(angle), np.cos(angle)]]) / scale
+  offset_2 = centre_2 - inv_2x2 @ (centre_2 + shift_2)
+  channels = [ndimage.affine_transform(pixels_SxSxC[..., c], inv_2x2, offset_2, order=1,
+                                       mode="nearest") for c in range(pixels_SxSxC.shape[-1])]
+  return np.stack(channels, axis=-1).astype(pixels_SxSxC.dtype)
 
 
 def caption_chat(caption: str, prompt: str) -> list[dict[str, str]]:
