@@ -52,10 +52,15 @@ class Classifier(nn.Module):
   vision: Any
   num_classes: int
   head: str = "map"
+  scan_layers: bool = True  # the encoder runs as the Janus model's does (config.model)
+  materialize_grad_transpose: bool = False
 
   @nn.compact
   def __call__(self, pixels_BxHxWx3: jax.Array) -> jax.Array:
-    features_BxNxW = siglip.VisionTransformer(self.vision, name="encoder")(pixels_BxHxWx3)
+    features_BxNxW = siglip.VisionTransformer(
+        self.vision, scan_layers=self.scan_layers,
+        materialize_grad_transpose=self.materialize_grad_transpose,
+        name="encoder")(pixels_BxHxWx3)
     b, _, w = features_BxNxW.shape
     if self.head == "map":
       probe_1x1xW = self.param("probe", nn.initializers.normal(0.02), (1, 1, w))
@@ -142,12 +147,14 @@ def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.nda
                   labels_train: np.ndarray, images_test: np.ndarray, labels_test: np.ndarray, *,
                   steps: int, batch_size: int, learning_rate: float, seed: int, out_dir: str,
                   max_shift: float = 2, max_rotation: float = 0.0, max_scale: float = 0.0,
-                  num_classes: int = 10, head: str = "map",
+                  num_classes: int = 10, head: str = "map", scan_layers: bool = True,
+                  materialize_grad_transpose: bool = False,
                   compiler_options: dict[str, Any] | None = None) -> dict[str, Any]:
   """Trains the classifier (`head`: see Classifier) on uint8 images [N, H, W(, C)] and saves the
   encoder to out_dir atomically (params/ + metrics.json). max_*: the training images' random
-  affine maps (`augment`). compiler_options: XLA options for the step's compile. Returns held-out
-  accuracy and the seconds spent."""
+  affine maps (`augment`). scan_layers, materialize_grad_transpose: how the encoder runs (the
+  model config's fields; the parameters are the same either way). compiler_options: XLA options
+  for the step's compile. Returns held-out accuracy and the seconds spent."""
   from janus_jax.pretrained import atomic_directory
 
   t0 = time.time()
@@ -157,7 +164,8 @@ def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.nda
                      f"{vision_config.image_size} px (config.model.vision.image_size)")
   if head not in HEADS:
     raise ValueError(f"encoder pretraining head {head!r}: expected one of {HEADS}")
-  model = Classifier(ml_collections.FrozenConfigDict(vision_config), num_classes, head)
+  model = Classifier(ml_collections.FrozenConfigDict(vision_config), num_classes, head,
+                     scan_layers, materialize_grad_transpose)
   params = model.init(jax.random.key(seed), jnp.zeros((1, *x_train.shape[1:3], 3)))["params"]
   params = nn.unbox(params)
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, learning_rate, max(steps // 20, 1),

@@ -120,7 +120,10 @@ def prepare(config: ml_collections.ConfigDict) -> None:
         batch_size=spec.encoder_batch_size, learning_rate=spec.encoder_learning_rate,
         seed=spec.seed, out_dir=encoder_dir, head=spec.get("encoder_head", "map"),
         max_rotation=spec.get("encoder_max_rotation", 0.0),
-        max_scale=spec.get("encoder_max_scale", 0.0), compiler_options=options)
+        max_scale=spec.get("encoder_max_scale", 0.0),
+        scan_layers=config.model.get("scan_layers", True),
+        materialize_grad_transpose=config.model.get("materialize_grad_transpose", False),
+        compiler_options=options)
     print(f"stage0 understanding encoder done in {metrics['seconds']:.0f} s: held-out "
           f"classifier accuracy {metrics['test_accuracy']:.1%}")
 

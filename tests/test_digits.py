@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -175,12 +176,14 @@ def test_affine_warp_and_augment():
   assert set(np.unique(shifted)) <= set(np.unique(np.asarray(batch)))
 
 
-@pytest.mark.parametrize("head,steps,floor,rotation,scale",
-                         [("flatten", 60, 0.4, 0.0, 0.0), ("map", 400, 0.3, 12.0, 0.1)])
-def test_encoder_pretraining_learns_and_saves(tmp_path, head, steps, floor, rotation, scale):
+@pytest.mark.parametrize("head,steps,floor,rotation,scale,cpu_layout",
+                         [("flatten", 60, 0.4, 0.0, 0.0, False), ("map", 400, 0.3, 12.0, 0.1, True)])
+def test_encoder_pretraining_learns_and_saves(tmp_path, head, steps, floor, rotation, scale,
+                                              cpu_layout):
   """Stage 0's stand-in for SigLIP: the classifier beats chance on held-out digits after a few
-  steps (with and without rotations and scales), and the saved encoder is exactly a Janus
-  `understanding_encoder` subtree."""
+  steps (with and without rotations and scales; as a scan and as the digits config runs it, a
+  Python loop with materialised-transpose weight gradients), and the saved encoder is exactly a
+  Janus `understanding_encoder` subtree."""
   vision = presets.vision(image_size=32, patch_size=8, width=32, depth=1, num_heads=4, mlp_dim=64)
   train_x, train_y = digits.load_split("train")
   test_x, test_y = digits.load_split("test")
@@ -188,7 +191,9 @@ def test_encoder_pretraining_learns_and_saves(tmp_path, head, steps, floor, rota
   metrics = encoder_pretraining.train_encoder(vision, train_x[:1000], train_y[:1000], test_x,
                                               test_y, steps=steps, batch_size=32,
                                               learning_rate=3e-3, seed=0, out_dir=out, head=head,
-                                              max_rotation=rotation, max_scale=scale)
+                                              max_rotation=rotation, max_scale=scale,
+                                              scan_layers=not cpu_layout,
+                                              materialize_grad_transpose=cpu_layout)
   print(head, metrics)
   assert metrics["augmentation"] == (2, rotation, scale)
   assert metrics["test_accuracy"] > floor  # chance is 0.1
@@ -212,6 +217,30 @@ def test_encoder_pretraining_learns_and_saves(tmp_path, head, steps, floor, rota
                                       out_dir=str(tmp_path / "bad"), head=head,
                                       compiler_options={"xla_no_such_option": "1"})
   assert not (tmp_path / "bad").exists()
+
+
+def test_encoder_classifier_runs_the_same_in_its_cpu_layout():
+  """The classifier as the digits config trains it (the ViT's layers as a Python loop, weight
+  gradients from a materialised x^T) computes the scan's logits and gradients, on the same
+  parameters."""
+  vision = presets.vision(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_dim=64)
+  rng = np.random.default_rng(3)
+  pixels = jnp.asarray(rng.uniform(-1, 1, (4, 32, 32, 3)), jnp.float32)
+  labels = jnp.asarray(rng.integers(0, 10, 4))
+  plain = encoder_pretraining.Classifier(vision, 10, "map")
+  fast = encoder_pretraining.Classifier(vision, 10, "map", scan_layers=False,
+                                        materialize_grad_transpose=True)
+  params = flax.linen.unbox(plain.init(jax.random.key(0), pixels)["params"])
+  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+
+  def loss(p, model):
+    logits = model.apply({"params": p}, pixels)
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
+
+  (want, want_grads), (got, got_grads) = (jax.value_and_grad(loss)(params, m) for m in (plain, fast))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
+    np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 
 
 def _tiny_checkpoint(tok_dir: str, path: str) -> str:

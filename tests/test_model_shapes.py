@@ -185,9 +185,9 @@ def test_bfloat16_compute_and_params_track_float32():
     ("full", True, False), ("dots", True, False), ("none", False, False), ("full", False, False),
     ("none", True, True), ("none", False, True)])
 def test_remat_and_unrolled_layers_keep_values_and_gradients(policy, scan_layers, materialize):
-  """Remat policies, the Python loop over layers (scan_layers False) and the LLM's
-  materialised-transpose weight gradients change how the LLM and the ViT run, never what they
-  compute: values and gradients equal the plain scan's."""
+  """Remat policies, the Python loop over layers (scan_layers False) and the materialised-
+  transpose weight gradients (LLM, ViT, aligners, image head) change how the model runs, never
+  what it computes: values and gradients equal the plain scan's."""
   cfg = load_config("tiny").model
   params = tiny_params()
   rng = np.random.default_rng(1)
@@ -196,10 +196,11 @@ def test_remat_and_unrolled_layers_keep_values_and_gradients(policy, scan_layers
 
   def loss(p, module):
     def f(m):
-      x = jnp.concatenate([m.encode_images(pixels), m.embed_text(ids)], axis=1)
+      x = jnp.concatenate([m.encode_images(pixels), m.embed_text(ids),
+                           m.embed_image_tokens(ids % cfg.vq.codebook_size)], axis=1)
       h, _ = m(x, llm.positions_from_mask(jnp.ones(x.shape[:2], bool)),
                llm.causal_mask(jnp.ones(x.shape[:2], bool)))
-      return jnp.mean(m.text_logits(h) ** 2)
+      return jnp.mean(m.text_logits(h) ** 2) + jnp.mean(m.image_logits(h) ** 2)
     return module.apply({"params": p}, method=f)
 
   variant = cfg.copy_and_resolve_references()
@@ -210,8 +211,9 @@ def test_remat_and_unrolled_layers_keep_values_and_gradients(policy, scan_layers
   other = jax.value_and_grad(loss)(params, janus_lib.build(variant))
   np.testing.assert_allclose(other[0], plain[0], rtol=1e-6)
   grads = jax.tree.leaves_with_path(plain[1])
-  assert any("understanding_encoder" in jax.tree_util.keystr(k) and np.abs(g).max() > 0
-             for k, g in grads)
+  for part in ("understanding_encoder", "understanding_aligner", "generation_aligner",
+               "image_head", "llm"):
+    assert any(part in jax.tree_util.keystr(k) and np.abs(g).max() > 0 for k, g in grads), part
   for a, b in zip(jax.tree.leaves(other[1]), jax.tree.leaves(plain[1])):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
 

@@ -17,14 +17,17 @@ import jax
 import jax.numpy as jnp
 
 from janus_jax.models.llm import default_kernel_init, param_with_axes
+from janus_jax.models.matmul import dense_dot_general
 
 Dtype = Any
 
 
-def _dense(features: int, axes: tuple[str | None, str | None], dtype, param_dtype, name: str):
+def _dense(features: int, axes: tuple[str | None, str | None], dtype, param_dtype, name: str,
+           materialize_grad_transpose: bool = False):
   return nn.Dense(features, dtype=dtype, param_dtype=param_dtype,
                   kernel_init=param_with_axes(default_kernel_init, axes),
-                  bias_init=param_with_axes(nn.initializers.zeros, axes[1:]), name=name)
+                  bias_init=param_with_axes(nn.initializers.zeros, axes[1:]),
+                  dot_general=dense_dot_general(materialize_grad_transpose), name=name)
 
 
 class MlpAligner(nn.Module):
@@ -33,14 +36,17 @@ class MlpAligner(nn.Module):
   input_axis: str | None = None
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  materialize_grad_transpose: bool = False  # see matmul.materialized_transpose_dot
 
   @nn.compact
   def __call__(self, x_BxNxI: jax.Array) -> jax.Array:
-    x = _dense(self.features, (self.input_axis, "embed"), self.dtype, self.param_dtype, "fc1")(
-        x_BxNxI.astype(self.dtype))
+    m = self.materialize_grad_transpose
+    x = _dense(self.features, (self.input_axis, "embed"), self.dtype, self.param_dtype, "fc1",
+               m)(x_BxNxI.astype(self.dtype))
     for i in range(self.depth - 1):
       x = nn.gelu(x, approximate=False)
-      x = _dense(self.features, ("mlp", "embed"), self.dtype, self.param_dtype, f"hidden_{i}")(x)
+      x = _dense(self.features, ("mlp", "embed"), self.dtype, self.param_dtype, f"hidden_{i}",
+                 m)(x)
     return x
 
 
@@ -49,10 +55,13 @@ class ImageHead(nn.Module):
   codebook_size: int
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  materialize_grad_transpose: bool = False  # see matmul.materialized_transpose_dot
 
   @nn.compact
   def __call__(self, hidden_BxTxD: jax.Array) -> jax.Array:
-    x = _dense(self.hidden, ("embed", "mlp"), self.dtype, self.param_dtype, "proj_out")(hidden_BxTxD)
+    m = self.materialize_grad_transpose
+    x = _dense(self.hidden, ("embed", "mlp"), self.dtype, self.param_dtype, "proj_out",
+               m)(hidden_BxTxD)
     x = nn.gelu(x, approximate=False)
     return _dense(self.codebook_size, ("mlp", "vocab"), self.dtype, self.param_dtype,
-                  "vision_head")(x)
+                  "vision_head", m)(x)

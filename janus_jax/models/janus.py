@@ -35,18 +35,18 @@ class Janus(nn.Module):
     c = self.config
     kw = dict(dtype=_dtype(c.dtype), param_dtype=_dtype(c.param_dtype))
     layers = dict(remat_policy=c.remat_policy, scan_layers=c.get("scan_layers", True))
+    # Every trained Dense layer (not the VQ's convs) may take the CPU-friendly weight gradient.
+    dense = dict(materialize_grad_transpose=c.get("materialize_grad_transpose", False))
     d = c.llm.hidden_size
-    self.understanding_encoder = siglip.VisionTransformer(c.vision, **layers, **kw)
-    self.understanding_aligner = adapters.MlpAligner(d, c.aligner_depth, **kw)
+    self.understanding_encoder = siglip.VisionTransformer(c.vision, **layers, **dense, **kw)
+    self.understanding_aligner = adapters.MlpAligner(d, c.aligner_depth, **dense, **kw)
     self.generation_tokenizer = vq.VQModel(c.vq, **kw)
     self.generation_embed = nn.Embed(
         c.vq.codebook_size, c.vq.codebook_dim, **kw,
         embedding_init=llm.param_with_axes(llm.default_kernel_init, ("codebook", None)))
-    self.generation_aligner = adapters.MlpAligner(d, c.generation_aligner_depth, **kw)
-    self.image_head = adapters.ImageHead(c.image_head_dim, c.vq.codebook_size, **kw)
-    self.llm = llm.LanguageModel(
-        c.llm, **layers, **kw,
-        materialize_grad_transpose=c.get("materialize_grad_transpose", False))
+    self.generation_aligner = adapters.MlpAligner(d, c.generation_aligner_depth, **dense, **kw)
+    self.image_head = adapters.ImageHead(c.image_head_dim, c.vq.codebook_size, **dense, **kw)
+    self.llm = llm.LanguageModel(c.llm, **layers, **dense, **kw)
 
   # --- inputs -------------------------------------------------------------------------------
   def encode_images(self, pixels_BxHxWx3: jax.Array) -> jax.Array:

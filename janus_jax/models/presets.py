@@ -43,9 +43,9 @@ def janus(llm_config, vision_config=None, vq_config=None, *, aligner_depth: int 
           materialize_grad_transpose: bool = False) -> ml_collections.ConfigDict:
   """A full model config. The image head's hidden width equals the LLM width, as released.
   scan_layers False: the LLM's and the ViT's layers run as Python loops, not scans (faster steps
-  for small models on CPUs; compile time grows with depth). materialize_grad_transpose: the LLM's
-  Dense layers compute weight gradients as x^T @ g from a materialised x^T (faster on XLA:CPU;
-  `llm.materialized_transpose_dot`)."""
+  for small models on CPUs; compile time grows with depth). materialize_grad_transpose: every
+  trained Dense layer (LLM, ViT, aligners, image head) computes its weight gradient as x^T @ g
+  from a materialised x^T (faster on XLA:CPU; `matmul.materialized_transpose_dot`)."""
   return ml_collections.ConfigDict(dict(
       llm=llm_config, vision=vision_config or vision(), vq=vq_config or vq(),
       aligner_depth=aligner_depth, generation_aligner_depth=generation_aligner_depth,

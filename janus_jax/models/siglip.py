@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from janus_jax.models.llm import (apply_unrolled, default_kernel_init, maybe_remat, param_with_axes,
                                   split_layers)
+from janus_jax.models.matmul import dense_dot_general
 
 Dtype = Any
 
@@ -29,6 +30,7 @@ class EncoderBlock(nn.Module):
   config: Any
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  materialize_grad_transpose: bool = False
 
   @nn.compact
   def __call__(self, x_BxNxW, _):
@@ -40,6 +42,7 @@ class EncoderBlock(nn.Module):
       return nn.DenseGeneral(features, axis=axis, dtype=self.dtype, param_dtype=self.param_dtype,
                              kernel_init=param_with_axes(default_kernel_init, kernel_axes),
                              bias_init=param_with_axes(nn.initializers.zeros, kernel_axes[-out_rank:]),
+                             dot_general=dense_dot_general(self.materialize_grad_transpose),
                              name=name)
 
     x_BxNxW = nn.with_logical_constraint(x_BxNxW, ("act_batch", "act_seq", "act_embed"))
@@ -69,6 +72,7 @@ class VisionTransformer(nn.Module):
   param_dtype: Dtype = jnp.float32
   remat_policy: str = "none"
   scan_layers: bool = True
+  materialize_grad_transpose: bool = False  # see matmul.materialized_transpose_dot
 
   @nn.compact
   def __call__(self, pixels_BxHxWx3: jax.Array) -> jax.Array:
@@ -94,9 +98,11 @@ class VisionTransformer(nn.Module):
           maybe_remat(EncoderBlock, self.remat_policy), variable_axes={"params": 0},
           split_rngs={"params": True}, in_axes=nn.broadcast, length=c.depth,
           metadata_params={nn.PARTITION_NAME: "layers"},
-      )(c, self.dtype, self.param_dtype, name="layers")(x_BxNxW, None)
+      )(c, self.dtype, self.param_dtype, self.materialize_grad_transpose, name="layers")(
+          x_BxNxW, None)
     else:  # the same layers as a Python loop (see llm.DecoderStack)
-      block = EncoderBlock(c, self.dtype, self.param_dtype, parent=None)
+      block = EncoderBlock(c, self.dtype, self.param_dtype, self.materialize_grad_transpose,
+                           parent=None)
       x_BxNxW = apply_unrolled(block, split_layers(nn.unbox(self.variables["params"]["layers"])),
                                x_BxNxW, remat_policy=self.remat_policy)
     return _layer_norm(c.layer_norm_eps, self.dtype, self.param_dtype, "post_layernorm")(x_BxNxW)
