@@ -230,14 +230,15 @@ def test_encoder_classifier_runs_the_same_in_its_cpu_layout():
   plain = encoder_pretraining.Classifier(vision, 10, "map")
   fast = encoder_pretraining.Classifier(vision, 10, "map", scan_layers=False,
                                         materialize_grad_transpose=True)
-  params = flax.linen.unbox(plain.init(jax.random.key(0), pixels)["params"])
-  params = jax.tree.map(lambda p: p + 0.1 * jax.random.normal(jax.random.key(1), p.shape), params)
+  params = flax.linen.unbox(jax.jit(plain.init)(jax.random.key(0), pixels)["params"])
+  params = jax.tree.map(lambda p: p + 0.1 * rng.normal(size=p.shape).astype(np.float32), params)
 
   def loss(p, model):
     logits = model.apply({"params": p}, pixels)
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(4), labels])
 
-  (want, want_grads), (got, got_grads) = (jax.value_and_grad(loss)(params, m) for m in (plain, fast))
+  (want, want_grads), (got, got_grads) = (
+      jax.jit(jax.value_and_grad(lambda p, m=m: loss(p, m)))(params) for m in (plain, fast))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(got_grads), jax.tree.leaves(want_grads)):
     np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
