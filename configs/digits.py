@@ -75,7 +75,7 @@ def get_config(arg: str | None = None):
   # for its 1,000 steps (one slow hour of the host). Seed 0 with it (the figures' float order
   # changes): understanding 96.6 %, CFG 1 / 3 / 5 83.3 / 94.0 / 91.0 %, caption classification
   # 93.0 %, 14:51 in a slow hour (VQ 88 s against 67). Seed 1: 96.8 %, 83.7 / 95.7 / 90.7 %,
-  # 91.2 %, 16:21 in the same slow afternoon.
+  # 91.2 %, 16:21 in the same slow afternoon. Seed 2: 96.2 %, 84.3 / 96.3 / 93.3 %, 90.6 %, 15:02.
   c.model.materialize_grad_transpose = True
   # XLA:CPU's own (Eigen) dots instead of YNNPACK fusions, for every step from stage 0 on:
   # stage-2 steps 684/664 ms against 735/718 (two A/B rounds in one process, idle 2-core host);
