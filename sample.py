@@ -101,14 +101,14 @@ def text_to_image(loaded, prompts: list[str], s: dict, settings: sampling.Sample
   print(f"wrote {len(pixels)} image(s) and {grid}")
 
 
-def answer(loaded, image_path: str, question: str, c) -> str:
+def answer(loaded, image_path: str, question: str, c, seed: int) -> str:
   from PIL import Image
 
   batch = loaded.processor.understanding_batch([question], [[Image.open(image_path)]])
   with phase("answering"):
     tokens, lengths = sampling.generate_text(
         loaded.model, loaded.params, batch["input_ids"], batch["attention_mask"],
-        rng=jax.random.key(c.seed), max_new_tokens=c.max_new_tokens, eos_id=loaded.tokenizer.eos_id,
+        rng=jax.random.key(seed), max_new_tokens=c.max_new_tokens, eos_id=loaded.tokenizer.eos_id,
         settings=sampling.Sampler(temperature=c.answer_temperature),
         image_mask_BxT=batch["image_mask"], pixels=batch["pixels"], image_valid=batch["image_valid"])
   return loaded.tokenizer.decode(np.asarray(tokens[0, :int(lengths[0])]).tolist())
@@ -119,10 +119,16 @@ def main(argv) -> None:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   c = _CONFIG.value
   s, settings = _settings(c)
+  if _QUESTION.value and not _IMAGE.value:
+    raise app.UsageError("--question needs --image PATH")
   if not (_PROMPT.value or _IMAGE.value):
     raise app.UsageError("give --prompt TEXT (text-to-image) or --image PATH --question TEXT")
   if _IMAGE.value and not _QUESTION.value:
     raise app.UsageError("--image needs --question")
+  if _IMAGE.value and not os.path.isfile(_IMAGE.value):
+    raise app.UsageError(f"--image {_IMAGE.value!r}: no such file")
+  if _PROMPT.value and not s["num_images"] >= 1:
+    raise app.UsageError(f"--num_images={s['num_images']}: need at least 1 image per prompt")
   if not os.path.exists(os.path.join(s["checkpoint"], "config.json")):
     raise app.UsageError(f"no checkpoint at {s['checkpoint']!r}: run `python train.py` first, "
                          "or pass --checkpoint DIR")
@@ -130,7 +136,7 @@ def main(argv) -> None:
   with phase(f"loading {s['checkpoint']}"):
     loaded = load_pretrained(s["checkpoint"], dtype=c.dtype or None)
   if _IMAGE.value:
-    print(answer(loaded, _IMAGE.value, _QUESTION.value, c).strip())
+    print(answer(loaded, _IMAGE.value, _QUESTION.value, c, s["seed"]).strip())
   if _PROMPT.value:
     text_to_image(loaded, list(_PROMPT.value), s, settings)
 

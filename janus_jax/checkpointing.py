@@ -4,7 +4,9 @@
 - Restore always goes into an abstract target whose shardings come from the *current* mesh, so a
   checkpoint written on one mesh shape restores onto another.
 - A latest step that fails to restore (truncated, corrupt) is skipped with a warning and the
-  previous one is used; orbax never lists a step whose save did not finish.
+  previous one is used; the unreadable step is moved aside (`unreadable-STEP/`, kept for a
+  post-mortem) so that the run can save that step number again. Orbax never lists a step whose
+  save did not finish.
 - `PreemptionFlag` turns SIGTERM into a flag the loop checks between steps.
 """
 
@@ -51,8 +53,27 @@ class CheckpointManager:
         logging.warning("checkpoint step %d in %s does not restore (%s: %s); falling back to "
                         "step %d", s, self.directory, type(e).__name__, str(e)[:200], steps[i + 1])
         continue
+      self._move_aside(steps[:i])
       return s, out[STATE], dict(out[DATA] or {})
     return None
+
+  def _move_aside(self, unreadable: list[int]) -> None:
+    """Renames unreadable step directories to unreadable-STEP (orbax then no longer lists them,
+    and the resumed run can write those steps again; orbax refuses to overwrite a step)."""
+    if not unreadable:
+      return
+    if jax.process_index() == 0:
+      for s in unreadable:
+        src = os.path.join(self.directory, str(s))
+        dst = os.path.join(self.directory, f"unreadable-{s}")
+        while os.path.exists(dst):
+          dst += "-again"
+        os.replace(src, dst)
+        logging.warning("moved the unreadable checkpoint step %d aside to %s", s, dst)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("janus_jax checkpoint: unreadable steps moved aside")
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

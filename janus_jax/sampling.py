@@ -39,7 +39,7 @@ class Sampler:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+    if not self.temperature >= 0 or self.top_k < 0 or not 0 < self.top_p <= 1:  # NaN fails too
       raise ValueError(f"invalid sampling settings {self}: need temperature >= 0, top_k >= 0, "
                        "0 < top_p <= 1")
 
@@ -393,6 +393,9 @@ def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, 
   """
   ids_BxT = np.asarray(input_ids_BxT)
   valid_BxT = np.asarray(attention_mask_BxT).astype(bool)
+  if not valid_BxT[:, -1].all():  # prefill reads the last column's logits; the cache assumes it
+    raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 in every row "
+                     f"(rows {np.flatnonzero(~valid_BxT[:, -1]).tolist()} end in padding)")
   if max_new_tokens < 1:
     raise ValueError(f"max_new_tokens = {max_new_tokens} must be at least 1")
   _check_divisible(ids_BxT.shape[0], "batch size", mesh)

@@ -42,6 +42,12 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
   training.check_trainable(stage.trainable)
   if stage.steps < 0 or stage.batch_size <= 0:
     raise ValueError(f"config.stages.{name}: steps must be >= 0 and batch_size > 0")
+  if not 0 <= stage.warmup_steps <= stage.steps:
+    raise ValueError(f"config.stages.{name}.warmup_steps = {stage.warmup_steps} must be in "
+                     f"[0, steps = {stage.steps}]")
+  for field in ("checkpoint_every", "log_every"):
+    if config.get(field, 1) < 1:
+      raise ValueError(f"config.{field} = {config[field]} must be at least 1")
   if not 0 <= stage.get("cooldown_steps", 0) <= stage.steps - stage.warmup_steps:
     raise ValueError(f"config.stages.{name}.cooldown_steps = {stage.cooldown_steps} must be in "
                      f"[0, steps - warmup_steps = {stage.steps - stage.warmup_steps}]")
@@ -289,12 +295,17 @@ def memory_report(compiled) -> str:
 
 
 def check_finite(metrics: dict[str, jax.Array], step: int, manager) -> None:
-  loss = float(metrics["loss"])
-  if not math.isfinite(loss):
+  """Raises before a save when the step's loss or gradient norm is not finite: the loss is of
+  the parameters before the update, so a finite loss with an inf/NaN gradient would otherwise
+  checkpoint NaN parameters."""
+  values = {k: float(metrics[k]) for k in ("loss", "grad_norm") if k in metrics}
+  bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+  if bad:
     good = manager.all_steps()
     raise FloatingPointError(
-        f"loss is {loss} at step {step}: stopping. The last good checkpoint "
-        f"({'step %d' % good[-1] if good else 'none'}) in {manager.directory} is untouched.")
+        f"{', '.join(f'{k} is {v}' for k, v in bad.items())} at step {step}: stopping. The last "
+        f"good checkpoint ({'step %d' % good[-1] if good else 'none'}) in {manager.directory} "
+        "is untouched.")
 
 
 class MetricsLogger:

@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import oracle
@@ -52,3 +53,15 @@ def test_sample_cli_explains_a_missing_checkpoint(tmp_path):
                          "--prompt=x"], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                         env={**os.environ, "XLA_FLAGS": ""})
   assert proc.returncode != 0 and "python train.py" in proc.stderr
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt=x", "--num_images=0"], "--num_images=0: need at least 1"),
+    (["--question=What digit is this?"], "--question needs --image"),
+    (["--image=missing.png", "--question=q"], "--image 'missing.png': no such file"),
+])
+def test_sample_cli_names_the_bad_flag_before_loading(tmp_path, flags, message):
+  proc = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--checkpoint={tmp_path}/none",
+                         *flags], capture_output=True, text=True, cwd=tmp_path, timeout=300,
+                        env={**os.environ, "XLA_FLAGS": ""})
+  assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-2000:]

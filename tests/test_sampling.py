@@ -292,6 +292,20 @@ def test_prompt_longer_than_context(setup):
                            rng=jax.random.key(0), max_new_tokens=200, eos_id=BOS)
 
 
+def test_right_padded_prompts_are_refused(setup):
+  """Prefill reads the last column's logits: a row ending in padding would decode from a pad."""
+  _, model, params = setup
+  ids = np.array([[BOS, 5, 6, BOI], [BOS, 5, BOI, PAD]])
+  valid = np.array([[1, 1, 1, 1], [1, 1, 1, 0]], bool)
+  with pytest.raises(ValueError, match=r"left-padded: attention_mask\[:, -1\] .*rows \[1\]"):
+    sampling.generate_text(model, params, ids, valid, rng=jax.random.key(0), max_new_tokens=2,
+                           eos_id=BOS)
+  with pytest.raises(ValueError, match="left-padded"):
+    sampling.generate_image_tokens(model, params, ids, valid, rng=jax.random.key(0), pad_id=PAD)
+  with pytest.raises(ValueError, match="temperature"):
+    sampling.Sampler(temperature=float("nan"))
+
+
 def test_sharded_sampling_equals_single_device(setup):
   """2 x 2 data-parallel shards, 2-way tensor parallel: the same tokens as one device."""
   _, model, params = setup

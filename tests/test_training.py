@@ -130,6 +130,29 @@ def test_bad_stage_configs_fail_before_compiling():
   config.stages.stage1.cooldown_steps = config.stages.stage1.steps + 1
   with pytest.raises(ValueError, match=r"stage1.cooldown_steps = \d+ must be in \[0, steps"):
     support.check_stage(config, "stage1", mesh)
+  config.stages.stage1.cooldown_steps = 0
+  config.stages.stage1.warmup_steps = config.stages.stage1.steps + 1
+  with pytest.raises(ValueError, match=r"stage1.warmup_steps = \d+ must be in \[0, steps"):
+    support.check_stage(config, "stage1", mesh)
+  config.stages.stage1.warmup_steps = 0
+  config.checkpoint_every = 0
+  with pytest.raises(ValueError, match="config.checkpoint_every = 0 must be at least 1"):
+    support.check_stage(config, "stage1", mesh)
+
+
+def test_a_nonfinite_gradient_stops_the_run_before_a_save_even_with_a_finite_loss():
+  class Manager:  # what check_finite reads of checkpointing.CheckpointManager
+    directory = "/ckpt"
+
+    def all_steps(self):
+      return [4]
+
+  support.check_finite({"loss": jnp.float32(2.0), "grad_norm": jnp.float32(1.0)}, 6, Manager())
+  with pytest.raises(FloatingPointError, match=r"grad_norm is inf at step 6: .*step 4\) in /ckpt"):
+    support.check_finite({"loss": jnp.float32(2.0), "grad_norm": jnp.float32(np.inf)}, 6,
+                         Manager())
+  with pytest.raises(FloatingPointError, match="loss is nan"):
+    support.check_finite({"loss": jnp.float32(np.nan)}, 6, Manager())
 
 
 def test_analytic_flops_are_close_to_the_compiled_count():
