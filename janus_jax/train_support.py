@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import logging
 import math
 import os
 import time
@@ -182,6 +183,10 @@ def initial_params(config, model, name: str, carried: Any, param_shardings: Any,
     print(f"{name} starts from {source}")
     return pretrained.restore_params(source, model, mesh)
   print(f"{name} starts from random parameters (seed {config.seed})")
+  if previous:  # running a later stage alone: say loudly that it is not continuing the table
+    logging.warning("%s starts from random parameters: no export of %s at %s and no "
+                    "config.init_from; run %s first or pass --config.init_from=DIR",
+                    name, previous, export, previous)
   if training.count_params(janus_lib.abstract_params(model)) < HOST_INIT_MAX_PARAMS:
     params = janus_lib.init_params_host(model, config.seed)
   else:
@@ -236,12 +241,36 @@ def make_data(config, stage, tokenizer, vq_encode, data_state):
                               batch_size=local_batch, shard_index=jax.process_index(),
                               shard_count=jax.process_count())
   if data_state:
-    it.set_state(data_state)
+    it.set_state(_this_process_state(data_state))
   return it
 
 
 def data_state(it) -> dict[str, Any]:
-  return it.get_state()
+  """Every host's iterator state, {"processes": [state of host 0, 1, ...]}: each host reads its
+  own shard, and orbax writes the JSON item from the primary host only, so the states are
+  gathered first (at checkpoint steps only)."""
+  state = it.get_state()
+  if jax.process_count() == 1:
+    return {"processes": [state]}
+  from jax.experimental import multihost_utils
+
+  raw = np.frombuffer(json.dumps(state).encode(), np.uint8)
+  sizes = np.asarray(multihost_utils.process_allgather(np.array([raw.size], np.int64))).reshape(-1)
+  padded = np.zeros(int(sizes.max()), np.uint8)
+  padded[:raw.size] = raw
+  gathered = np.asarray(multihost_utils.process_allgather(padded))
+  return {"processes": [json.loads(bytes(gathered[i, :sizes[i]])) for i in range(len(sizes))]}
+
+
+def _this_process_state(saved: dict[str, Any]) -> dict[str, Any]:
+  if "processes" not in saved:  # written before the states were gathered: one host's
+    return saved
+  states = saved["processes"]
+  if len(states) != jax.process_count():
+    raise ValueError(f"the checkpoint's data state comes from {len(states)} host(s) but this run "
+                     f"has {jax.process_count()}: each host's position in its shard of the data "
+                     "does not carry over to another host count")
+  return states[jax.process_index()]
 
 
 def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
