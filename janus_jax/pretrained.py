@@ -60,27 +60,47 @@ def detect_family(directory: str) -> str:
   return "janus_pro"
 
 
+def _sync(tag: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(f"janus_jax atomic_directory: {tag}")
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str, overwrite: bool = True):
   """Yields a temporary sibling of dst to fill; on success it replaces dst in one rename, on any
-  failure it is removed and dst is left as it was: a half-written directory never appears."""
+  failure it is removed and dst is left as it was: a half-written directory never appears.
+
+  With several processes (multi-host), every process gets the same temporary path (orbax's
+  collective save needs one), and only process 0 creates, renames or removes it."""
   dst = os.path.abspath(dst)
   if os.path.exists(dst) and not overwrite:
     raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
   parent = os.path.dirname(dst)
-  os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+  primary = jax.process_index() == 0
+  if jax.process_count() > 1:
+    tmp = os.path.join(parent, f".{os.path.basename(dst)}.tmp-multihost")
+    if primary:
+      shutil.rmtree(tmp, ignore_errors=True)  # a crashed earlier attempt's leftovers
+      os.makedirs(tmp)
+    _sync(f"{tmp} created")
+  else:
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
   try:
     yield tmp
-    if os.path.exists(dst):
+    _sync(f"{tmp} written")
+    if primary and os.path.exists(dst):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
       os.rename(dst, os.path.join(old, "x"))
       os.rename(tmp, dst)
       shutil.rmtree(old, ignore_errors=True)
-    else:
+    elif primary:
       os.rename(tmp, dst)
+    _sync(f"{dst} in place")
   except BaseException:
-    shutil.rmtree(tmp, ignore_errors=True)
+    if primary:
+      shutil.rmtree(tmp, ignore_errors=True)
     raise
 
 
@@ -99,10 +119,11 @@ def write_converted(dst: str, params: Any, model_config: ml_collections.ConfigDi
     # every array at once, which would double peak memory on a 7B conversion.
     checkpointer = ocp.Checkpointer(ocp.StandardCheckpointHandler(save_concurrent_gb=1))
     checkpointer.save(os.path.join(tmp, CONVERTED_MARKER), args=ocp.args.StandardSave(params))
-    meta = {"model": model_config.to_dict(), "family": family, "source": src, **(extra or {})}
-    with open(os.path.join(tmp, "config.json"), "w") as f:
-      json.dump(meta, f, indent=2, default=list)
-    copy_side_files(src, tmp)
+    if jax.process_index() == 0:  # one writer for the small files
+      meta = {"model": model_config.to_dict(), "family": family, "source": src, **(extra or {})}
+      with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(meta, f, indent=2, default=list)
+      copy_side_files(src, tmp)
 
 
 def _model_config_from_meta(meta: dict[str, Any]) -> ml_collections.ConfigDict:

@@ -30,6 +30,20 @@ _WORKER = textwrap.dedent("""
 """)
 
 
+_EXPORT_WORKER = textwrap.dedent("""
+    import sys
+    import jax, ml_collections, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid, dst = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    from janus_jax import pretrained
+    params = {"w": np.arange(6, dtype=np.float32).reshape(2, 3) + float(sys.argv[4])}
+    pretrained.write_converted(dst, params, ml_collections.ConfigDict({"a": 1}), "janus_pro",
+                               None, overwrite=True)
+    print("RESULT done")
+""")
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -60,3 +74,31 @@ def test_a_data_state_from_another_host_count_is_refused():
     support._this_process_state({"processes": [{}, {}]})
   assert support._this_process_state({"processes": [{"a": 1}]}) == {"a": 1}
   assert support._this_process_state({"a": 1}) == {"a": 1}  # written before states were gathered
+
+
+def _run_pair(script: str, *args: str) -> None:
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(port), str(pid), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+           for pid in (0, 1)]
+  for p in procs:
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0 and "RESULT" in out, err[-3000:]
+
+
+def test_an_export_from_two_hosts_is_one_complete_directory(tmp_path):
+  """Both processes write into one temporary directory (orbax's save is collective) and process 0
+  renames it into place; a second export replaces the first whole, leaving no temporaries."""
+  import numpy as np
+  import orbax.checkpoint as ocp
+
+  from janus_jax import pretrained
+
+  dst = tmp_path / "model"
+  for offset in ("0", "10"):
+    _run_pair(_EXPORT_WORKER, str(dst), offset)
+    assert json.loads((dst / "config.json").read_text())["model"] == {"a": 1}
+    restored = ocp.StandardCheckpointer().restore(str(dst / pretrained.CONVERTED_MARKER))
+    np.testing.assert_array_equal(restored["w"], np.arange(6).reshape(2, 3) + float(offset))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
