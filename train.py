@@ -135,10 +135,11 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
         logger.log(*pending)
       now = time.perf_counter()
       pending, tick = (step, metrics, now - tick, flops, peak), now
-      if step % config.checkpoint_every == 0 or step == stop_at or preemption.raised:
+      preempted = preemption.reached(step)
+      if step % config.checkpoint_every == 0 or step == stop_at or preempted:
         support.check_finite(metrics, step, manager)  # never save a NaN state
         manager.save(step, state, support.data_state(data), force=True)
-      if preemption.raised:
+      if preempted:
         break
     if pending is not None:
       logger.log(*pending)

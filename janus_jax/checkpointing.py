@@ -7,7 +7,8 @@
   previous one is used; the unreadable step is moved aside (`unreadable-STEP/`, kept for a
   post-mortem) so that the run can save that step number again. Orbax never lists a step whose
   save did not finish.
-- `PreemptionFlag` turns SIGTERM into a flag the loop checks between steps.
+- `PreemptionFlag` turns SIGTERM into a stop step the loop checks between steps (agreed
+  across hosts through JAX's preemption service).
 """
 
 from __future__ import annotations
@@ -89,11 +90,26 @@ def abstract_with_shardings(tree: Any, shardings: Any) -> Any:
 
 
 class PreemptionFlag:
-  """Set by SIGTERM (a preemption notice); the train loop saves and exits when it sees it."""
+  """SIGTERM (a preemption notice) -> the train loop saves and stops, at a step every host agrees
+  on. One process: a Python signal handler sets `raised`. Several: JAX's preemption service (set
+  up by jax.distributed.initialize) catches the signal and picks a sync step that `reached` asks
+  about, so that no host enters the collective save while another runs the next step."""
 
   def __init__(self, signals=(signal.SIGTERM,)):
     self.raised = False
-    self._previous = {s: signal.signal(s, self._handle) for s in signals}
+    self._multihost = jax.process_count() > 1
+    self._previous = {} if self._multihost else {s: signal.signal(s, self._handle) for s in signals}
+
+  def reached(self, step: int) -> bool:
+    """Whether to save and stop after `step` (call it after every step, on every host)."""
+    if self._multihost and not self.raised:
+      from jax.experimental import multihost_utils
+      try:
+        self.raised = bool(multihost_utils.reached_preemption_sync_point(step))
+      except RuntimeError as e:  # jax_enable_preemption_service is off: SIGTERM just kills
+        logging.warning("no preemption service (%s): a SIGTERM will not save a checkpoint", e)
+        self._multihost = False
+    return self.raised
 
   def _handle(self, signum, frame) -> None:
     del frame

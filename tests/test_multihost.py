@@ -13,7 +13,7 @@ import pytest
 
 from janus_jax import train_support as support
 
-_WORKER = textwrap.dedent("""
+_DATA_STATE_WORKER = textwrap.dedent("""
     import json, sys
     import jax
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -44,25 +44,51 @@ _EXPORT_WORKER = textwrap.dedent("""
 """)
 
 
+_PREEMPTION_WORKER = textwrap.dedent("""
+    import os, signal, sys, time
+    import jax, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid = sys.argv[1], int(sys.argv[2])
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    from jax.experimental import multihost_utils
+    from janus_jax import checkpointing
+    flag = checkpointing.PreemptionFlag()
+    for step in range(1, 1000):
+      multihost_utils.process_allgather(np.array([step]))  # a collective per step, as a train step
+      if step == 20 and pid == 1:
+        os.kill(os.getpid(), signal.SIGTERM)  # only host 1 is told
+      if flag.reached(step):
+        print("RESULT", step, flush=True)
+        break
+      time.sleep(0.01)
+""")
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
     return s.getsockname()[1]
 
 
+def _run_pair(script: str, *args: str) -> list[str]:
+  """Runs script as JAX processes 0 and 1 (argv: port, process id, *args); their RESULT lines."""
+  port = _free_port()
+  procs = [subprocess.Popen([sys.executable, "-c", script, str(port), str(pid), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
+           for pid in (0, 1)]
+  results = []
+  for p in procs:
+    out, err = p.communicate(timeout=240)
+    assert p.returncode == 0 and "RESULT " in out, err[-3000:]
+    results.append(out.split("RESULT ", 1)[1].strip())
+  return results
+
+
 def test_every_hosts_data_position_is_checkpointed():
   """orbax writes the JSON data item from the primary host only: the states are gathered first,
   and each host resumes from its own."""
-  port = _free_port()
-  env = {"XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
-  procs = [subprocess.Popen([sys.executable, "-c", _WORKER, str(port), str(pid)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, **env}) for pid in (0, 1)]
-  outputs = [p.communicate(timeout=240) for p in procs]
-  results = []
-  for p, (out, err) in zip(procs, outputs):
-    assert p.returncode == 0, err[-3000:]
-    results.append(json.loads(out.split("RESULT ", 1)[1]))
+  results = [json.loads(r) for r in _run_pair(_DATA_STATE_WORKER)]
   states = [{"host": 0, "position": [0, "xxx"]}, {"host": 1, "position": [7, "x" * 43]}]
   for pid, r in enumerate(results):
     assert r["saved"] == {"processes": states}
@@ -74,17 +100,6 @@ def test_a_data_state_from_another_host_count_is_refused():
     support._this_process_state({"processes": [{}, {}]})
   assert support._this_process_state({"processes": [{"a": 1}]}) == {"a": 1}
   assert support._this_process_state({"a": 1}) == {"a": 1}  # written before states were gathered
-
-
-def _run_pair(script: str, *args: str) -> None:
-  port = _free_port()
-  procs = [subprocess.Popen([sys.executable, "-c", script, str(port), str(pid), *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"})
-           for pid in (0, 1)]
-  for p in procs:
-    out, err = p.communicate(timeout=240)
-    assert p.returncode == 0 and "RESULT" in out, err[-3000:]
 
 
 def test_an_export_from_two_hosts_is_one_complete_directory(tmp_path):
@@ -102,3 +117,10 @@ def test_an_export_from_two_hosts_is_one_complete_directory(tmp_path):
     restored = ocp.StandardCheckpointer().restore(str(dst / pretrained.CONVERTED_MARKER))
     np.testing.assert_array_equal(restored["w"], np.arange(6).reshape(2, 3) + float(offset))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_sigterm_on_one_host_stops_every_host_at_the_same_step():
+  """The train loop saves (a collective) and stops when PreemptionFlag.reached says so: every host
+  must agree on the step, or one would wait in the save while another runs the next step."""
+  steps = [int(r) for r in _run_pair(_PREEMPTION_WORKER)]
+  assert steps[0] == steps[1] >= 20, steps
