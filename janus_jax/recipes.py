@@ -27,7 +27,10 @@ def stage(trainable, learning_rate: float, warmup_steps: int, steps: int, batch_
       trainable=tuple(trainable), learning_rate=learning_rate, warmup_steps=warmup_steps,
       steps=steps, batch_size=batch_size, mixture=tuple(float(m) for m in mixture),
       cooldown_steps=cooldown_steps,
-      learning_rate_scales=ml_collections.ConfigDict(dict(learning_rate_scales or {})),
+      # Every trainable part listed (1.0: unscaled), so that a flag can set any of them:
+      # --config.stages.stage2.learning_rate_scales.llm=0.5
+      learning_rate_scales=ml_collections.ConfigDict(
+          {**{part: 1.0 for part in trainable}, **dict(learning_rate_scales or {})}),
       loss_weights=tuple(float(w) for w in loss_weights)))
 
 

@@ -107,8 +107,10 @@ def check_loss_weights(stage: ml_collections.ConfigDict) -> tuple[float, float, 
 
 
 def check_learning_rate_scales(stage: ml_collections.ConfigDict) -> dict[str, float]:
-  """The stage's {part: scale}; each part must be one of its trainable parts, each scale >= 0."""
-  scales = {k: float(v) for k, v in (stage.get("learning_rate_scales", None) or {}).items()}
+  """The stage's {part: scale} without the unscaled (1.0) parts; each part must be one of its
+  trainable parts, each scale >= 0."""
+  scales = {k: float(v) for k, v in (stage.get("learning_rate_scales", None) or {}).items()
+            if float(v) != 1.0}
   bad = {k: v for k, v in scales.items() if k not in stage.trainable or not v >= 0}
   if bad:
     raise ValueError(f"learning_rate_scales {bad}: each key must be one of the stage's trainable "

@@ -207,6 +207,10 @@ def test_learning_rate_scales_scale_one_part_and_are_checked():
     bad.stages.stage2.learning_rate_scales = scales  # the encoder is frozen in stage 2
     with pytest.raises(ValueError, match=message):
       support.check_stage(bad, "stage2", mesh)
+  # Every trainable part is listed at 1.0 (so a flag can set it), which changes nothing.
+  stage2 = load_config("tiny").stages.stage2
+  assert dict(stage2.learning_rate_scales) == {part: 1.0 for part in stage2.trainable}
+  assert training.check_learning_rate_scales(stage2) == {}
 
 
 def test_loss_weights_weight_each_tasks_tokens_and_are_checked():
