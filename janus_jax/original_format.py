@@ -89,6 +89,9 @@ class OriginalAsHF(Mapping):
     if transform == "squeeze0":
       return tensor.reshape(tensor.shape[1:]) if tensor.ndim == 3 else tensor
     if transform is not None:
+      if tensor.shape[0] % 3:
+        raise ValueError(f"{key}: a fused qkv of shape {tuple(tensor.shape)} does not split "
+                         "in three along its first axis")
       third = tensor.shape[0] // 3
       return tensor[transform[1] * third:(transform[1] + 1) * third]
     return tensor

@@ -140,6 +140,13 @@ class LazyTensor:
     storage = np.frombuffer(bytearray(raw), dtype)
     if storage.size < self._numel:
       raise CorruptCheckpointError(f"{self._archive.filename}: storage {name} is truncated")
+    last = self._offset + sum((n - 1) * st for n, st in zip(self.shape, self._stride))
+    if min(self.shape, default=1) > 0 and (min(self._stride, default=0) < 0 or self._offset < 0
+                                           or last >= storage.size):
+      raise CorruptCheckpointError(
+          f"{self._archive.filename}: storage {name} holds {storage.size} values but the tensor "
+          f"(offset {self._offset}, shape {tuple(self.shape)}, stride {tuple(self._stride)}) "
+          "reads past them")
     if not self.shape:
       return storage[self._offset].copy()
     view = np.lib.stride_tricks.as_strided(

@@ -336,3 +336,31 @@ def test_exported_models_keep_the_system_prompt_they_were_trained_with(tmp_path,
                                 skip_special_tokens=False)
   assert text.startswith("<｜begin▁of▁sentence｜><|User|>: <begin_of_image>"), text
   assert int(batch["image_mask"].sum()) == 16  # the understanding encoder's patch count
+
+
+def test_a_tensor_reading_past_its_storage_is_refused(tmp_path):
+  """A .bin's tensor (offset, shape, stride) must lie inside its storage: a crafted or damaged
+  pickle must not read neighbouring memory (as_strided does not check)."""
+  path = tmp_path / "t.bin"
+  torch.save({"w": torch.arange(4, dtype=torch.float32)}, path)
+  good = torch_io.load_torch_pickle(str(path))["w"]
+  np.testing.assert_array_equal(good.load(), np.arange(4, dtype=np.float32))
+  import zipfile
+  archive = zipfile.ZipFile(path)
+  prefix = archive.namelist()[0].split("/")[0]
+  storage = (good._storage_key, good.dtype, 4)
+  tail = torch_io.LazyTensor(archive, prefix, storage, 1, (3,), (1,))
+  np.testing.assert_array_equal(tail.load(), [1, 2, 3])
+  for offset, shape, stride in [(2, (6,), (1,)), (0, (2, 2), (3, 1)), (4, (), ())]:
+    with pytest.raises(torch_io.CorruptCheckpointError, match="reads past them"):
+      torch_io.LazyTensor(archive, prefix, storage, offset, shape, stride).load()
+
+
+def test_a_fused_qkv_that_does_not_split_in_three_is_refused():
+  from janus_jax import original_format
+
+  key = "vision_model.vision_tower.blocks.0.attn.qkv.weight"
+  source = original_format.OriginalAsHF({key: np.zeros((3073, 2), np.float32)})
+  hf_key = next(k for k in source if "q_proj.weight" in k)
+  with pytest.raises(ValueError, match=rf"{key}: a fused qkv of shape \(3073, 2\) does not split"):
+    source[hf_key]

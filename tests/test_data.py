@@ -100,6 +100,9 @@ def test_builders_read_back(env, tmp_path):
   with pytest.raises(ValueError, match="message 1 has role 'user'"):
     builders.check_conversation([{"role": "user", "content": "a"},
                                  {"role": "user", "content": "b"}], 0, "x.jsonl:3")
+  with pytest.raises(ValueError, match=r"x.jsonl:4: message 1 \(assistant\) contains"):
+    builders.check_conversation([{"role": "user", "content": "a"},
+                                 {"role": "assistant", "content": f"{IMAGE_TAG} b"}], 1, "x.jsonl:4")
 
 
 # ------------------------------------------------------------------------------ layouts
@@ -287,6 +290,11 @@ def test_truncation_policy(env):
   with pytest.raises(ValueError, match="2 <image_placeholder> tags but 1 images"):
     transforms.chat_example([{"role": "user", "content": IMAGE_TAG * 2},
                              {"role": "assistant", "content": "a"}], [img], layout, "ds")
+  # Text or a caption that spells an image tag would open an image slot with no image: dropped.
+  for tag in (IMAGE_TAG, IMAGE_START_TAG, IMAGE_END_TAG):
+    assert transforms.text_example(f"see {tag} here", layout) == {}
+    assert transforms.generation_example(f"a {tag}", layout, rng, image=img) == {}
+  assert transforms.generation_example("a cat", layout, rng, image=img)  # its own final tag is fine
 
 
 # ------------------------------------------------------------------------------ packing, mixing

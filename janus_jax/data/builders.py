@@ -96,6 +96,9 @@ def check_conversation(messages: Any, num_images: int, where: str) -> None:
                        f"{_ROLES[i % 2]!r} (turns alternate from the user)")
     if not m["content"].strip():
       raise ValueError(f"{where}: message {i} is empty")
+    if role == "assistant" and IMAGE_TAG in m["content"]:  # the reader would refuse it mid-run
+      raise ValueError(f"{where}: message {i} (assistant) contains {IMAGE_TAG}: images go in "
+                       "user turns")
     tags += m["content"].count(IMAGE_TAG)
   if role != "assistant":
     raise ValueError(f"{where}: the last message must be the assistant's")

@@ -119,10 +119,22 @@ def _no_pixels(layout: Layout) -> np.ndarray:
   return np.zeros((0, layout.image_size, layout.image_size, 3), np.float32)
 
 
+def _spells_image_tags(ids: Sequence[int], tok: Tokenizer) -> bool:
+  """Whether ids hold an image tag: text that spells `<image_placeholder>`, `<begin_of_image>` or
+  `<end_of_image>` encodes to its control id, which in plain text or a caption would open an
+  image slot with no image (and shift every later image of the batch). Such examples are
+  dropped (`{}`), as the length policy drops what cannot fit."""
+  return not {tok.image_placeholder_id, tok.begin_of_image_id,
+              tok.end_of_image_id}.isdisjoint(ids)
+
+
 def text_example(text: str, layout: Layout) -> Example:
-  """BOS + text + EOS, loss on every predicted token; truncated to seq_len."""
+  """BOS + text + EOS, loss on every predicted token; truncated to seq_len; `{}` when the text
+  spells an image tag."""
   tok = layout.tokenizer
   ids = (tok.encode(text) + [tok.eos_id])[:layout.seq_len]
+  if _spells_image_tags(ids, tok):
+    return {}
   return _example(ids, [True] * len(ids), TEXT, _no_pixels(layout))
 
 
@@ -255,9 +267,11 @@ def generation_prompt_ids(caption: str, layout: Layout, rng: np.random.Generator
 def generation_example(caption: str, layout: Layout, rng: np.random.Generator,
                        image: Any = None, image_ids: np.ndarray | None = None) -> Example:
   """Prompt ids (+ `gen_pixels` [G, G, 3] when `image` is given, for the image tokenizer; or the
-  stored `image_ids` [N] appended at once); `{}` when prompt + N exceeds seq_len."""
+  stored `image_ids` [N] appended at once); `{}` when prompt + N exceeds seq_len or the caption
+  spells an image tag."""
   ids = generation_prompt_ids(caption, layout, rng)
-  if len(ids) + layout.num_image_tokens_gen > layout.seq_len:
+  if (len(ids) + layout.num_image_tokens_gen > layout.seq_len
+      or _spells_image_tags(ids[:-1], layout.tokenizer)):  # [-1]: the prompt's own tag
     return {}
   ex = _example(ids, [False] * len(ids), GENERATION, _no_pixels(layout))
   if image_ids is not None:
