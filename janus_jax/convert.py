@@ -158,7 +158,9 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: janus
       tensor = np.asarray(state_dict[k])
       expected = _torch_shape(shape, kind, path)
       if tuple(tensor.shape) != expected:
-        raise ValueError(f"{source}: tensor {k!r} has shape {tuple(tensor.shape)}, expected {expected}")
+        name = getattr(state_dict, "describe", repr)(k)  # the file and original key, if known
+        raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected "
+                         f"{expected}")
       converted = torch_to_jax(tensor, kind, shape)
       if stacked:
         out[i] = converted

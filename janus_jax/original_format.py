@@ -96,6 +96,14 @@ class OriginalAsHF(Mapping):
       return tensor[transform[1] * third:(transform[1] + 1) * third]
     return tensor
 
+  def describe(self, hf: str) -> str:
+    """The original key (and file) behind an HF key name, for error messages."""
+    if hf not in self._map:
+      return repr(hf)
+    key = self._map[hf][0]
+    inner = getattr(self._source, "describe", repr)(key)
+    return f"{inner}, read as {hf!r}"
+
   def __iter__(self):
     return iter(self._map)
 

@@ -249,6 +249,10 @@ class TensorSource:
   def __contains__(self, key: str) -> bool:
     return key in self._where
 
+  def describe(self, key: str) -> str:
+    """The key and the file that holds it, for error messages."""
+    return f"{key!r} (in {self._where[key][0]})" if key in self._where else repr(key)
+
   def shape(self, key: str) -> tuple[int, ...]:
     name, handle = self._where[key]
     return handle.shape(key) if isinstance(handle, SafetensorsFile) else handle[key].shape

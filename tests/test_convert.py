@@ -156,7 +156,8 @@ def test_shape_mismatch_names_key_expected_and_found(tmp_path, hf_model):
   state = _original_state(hf_model)
   state["gen_embed.weight"] = torch.zeros(64, 9)
   _expect_failure(tmp_path, _write_state(tmp_path, hf_model, state),
-                  r"'model.generation_embeddings.weight' has shape \(64, 9\), expected \(64, 8\)")
+                  r"'gen_embed.weight' \(in [\w.-]+\), read as 'model.generation_embeddings.weight' "
+                  r"has shape \(64, 9\), expected \(64, 8\)")  # the original key and its file
 
 
 def test_unknown_schema(tmp_path, hf_model):
