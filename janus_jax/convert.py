@@ -153,12 +153,12 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: janus
     shape = leaf.shape[1:] if stacked else leaf.shape
     out = np.empty(leaf.shape, dtype)
     for i, k in enumerate(keys):
+      name = getattr(state_dict, "describe", repr)(k)  # the file and original key, if known
       if k not in state_dict:
-        raise KeyError(f"{source}: missing tensor {k!r} (for parameter {'/'.join(path)})")
+        raise KeyError(f"{source}: missing tensor {name} (for parameter {'/'.join(path)})")
       tensor = np.asarray(state_dict[k])
       expected = _torch_shape(shape, kind, path)
       if tuple(tensor.shape) != expected:
-        name = getattr(state_dict, "describe", repr)(k)  # the file and original key, if known
         raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected "
                          f"{expected}")
       converted = torch_to_jax(tensor, kind, shape)

@@ -73,6 +73,45 @@ def original_to_hf_key(key: str) -> list[tuple[str, Any]]:
   return [(key, None)]  # unknown: reported as unexpected by the mapping
 
 
+def hf_to_original_key(hf: str) -> str:
+  """The original-format key an HF key is read from (the inverse of original_to_hf_key), for
+  naming a tensor the checkpoint lacks; the three q / k / v projections share the fused qkv."""
+  rules = [
+      (r"model\.language_model\.(.+)", r"language_model.model.\1"),
+      (r"lm_head\.weight", "language_model.lm_head.weight"),
+      (r"model\.vision_model\.embeddings\.position_embedding\.weight", "pos_embed"),
+      (r"model\.vision_model\.embeddings\.patch_embedding\.(\w+)", r"patch_embed.proj.\1"),
+      (r"model\.vision_model\.post_layernorm\.(\w+)", r"norm.\1"),
+      (r"model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.[qkv]_proj\.(\w+)",
+       r"blocks.\1.attn.qkv.\2"),
+      (r"model\.generation_embeddings\.weight", "gen_embed.weight"),
+      (r"model\.generation_head\.proj_out\.(.+)", r"gen_head.output_mlp_projector.\1"),
+      (r"model\.generation_head\.vision_head\.(.+)", r"gen_head.vision_head.\1"),
+  ]
+  for pattern, repl in rules:
+    if re.fullmatch(pattern, hf):
+      out = re.sub(pattern, repl, hf)
+      return out if out.startswith(("language_model.", "gen_")) else "vision_model.vision_tower." + out
+  vision_names = {"self_attn.projection_layer": "attn.proj", "layer_norm1": "norm1",
+                  "layer_norm2": "norm2", "mlp.fc1": "mlp.fc1", "mlp.fc2": "mlp.fc2"}
+  m = re.fullmatch(r"model\.vision_model\.encoder\.layers\.(\d+)\.(.+)\.(weight|bias)", hf)
+  if m and m[2] in vision_names:
+    return f"vision_model.vision_tower.blocks.{m[1]}.{vision_names[m[2]]}.{m[3]}"
+  m = re.fullmatch(r"model\.(aligner|generation_aligner)\.(fc1|hidden_layers\.(\d+))\.(weight|bias)", hf)
+  if m:
+    index = 0 if m[2] == "fc1" else 2 * (int(m[3]) + 1)  # Linears at the Sequential's even indices
+    return f"{'aligner' if m[1] == 'aligner' else 'gen_aligner'}.layers.{index}.{m[4]}"
+  if hf.startswith("model.vqmodel."):
+    rest = hf[len("model.vqmodel."):]
+    rest = re.sub(r"^encoder\.down\.", "encoder.conv_blocks.", rest)
+    rest = re.sub(r"^decoder\.up\.", "decoder.conv_blocks.", rest)
+    rest = rest.replace(".block.", ".res.")
+    for i, name in enumerate(("block_1", "attn_1", "block_2")):
+      rest = rest.replace(f".mid.{name}.", f".mid.{i}.")
+    return "gen_vision_model." + rest
+  return hf
+
+
 class OriginalAsHF(Mapping):
   """An original-format tensor source seen through `transformers` key names (lazily)."""
 
@@ -98,8 +137,8 @@ class OriginalAsHF(Mapping):
 
   def describe(self, hf: str) -> str:
     """The original key (and file) behind an HF key name, for error messages."""
-    if hf not in self._map:
-      return repr(hf)
+    if hf not in self._map:  # a tensor the checkpoint lacks: name the key it would have
+      return f"{hf_to_original_key(hf)!r} (original format), read as {hf!r}"
     key = self._map[hf][0]
     inner = getattr(self._source, "describe", repr)(key)
     return f"{inner}, read as {hf!r}"

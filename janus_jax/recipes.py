@@ -55,6 +55,7 @@ def data_config(model: ml_collections.ConfigDict, seq_len: int = 4096) -> ml_col
   c.image_size = model.vision.image_size
   c.num_image_tokens_und = (model.vision.image_size // model.vision.patch_size) ** 2
   c.num_image_tokens_gen = model.vq.grid_size**2
+  c.image_codebook_size = model.vq.codebook_size
   c.gen_image_size = model.vq.grid_size * 2 ** (len(model.vq.channel_multipliers) - 1)
   c.max_images_per_row = 2
   # Probability of replacing a caption with padding so that CFG's unconditional branch is learnt.

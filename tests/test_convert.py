@@ -143,7 +143,18 @@ def test_missing_tensor_names_the_key(tmp_path, hf_model):
   state = _original_state(hf_model)
   del state["gen_head.vision_head.bias"]
   _expect_failure(tmp_path, _write_state(tmp_path, hf_model, state),
-                  "missing tensor 'model.generation_head.vision_head.bias'")
+                  r"missing tensor 'gen_head.vision_head.bias' \(original format\), read as "
+                  "'model.generation_head.vision_head.bias'")
+
+
+def test_every_transformers_key_names_its_original_key(hf_model):
+  """A missing tensor is named by the key the original checkpoint would hold (its inverse)."""
+  from janus_jax import original_format
+
+  original = _original_state(hf_model)
+  for hf in hf_model.state_dict():
+    if not original_format.IGNORED_KEYS.search(hf):
+      assert original_format.hf_to_original_key(hf) in original, hf
 
 
 def test_unexpected_tensor_is_reported(tmp_path, hf_model):

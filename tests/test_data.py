@@ -401,16 +401,21 @@ def test_pretokenized_generation(env, tmp_path):
   stored = tfds.data_source(name, split="train", data_dir=str(tmp_path))
   assert len(stored) == n and stored[0]["image_ids"].dtype == np.int32
 
-  def batches(pretokenized):
-    c = env.config(cfg_drop=0.5)
+  def batches(pretokenized, **overrides):
+    c = env.config(cfg_drop=0.5, **overrides)
     if pretokenized:
       c.sources.generation = dict(name=name, data_dir=str(tmp_path),
                                   features={"caption": "caption"}, pretokenized_key="image_ids")
     it = make_pipeline(c, env.tok, FAMILY, seed=0, mixture=(1, 1, 2), batch_size=2,
                        image_tokenizer=None if pretokenized else fake_image_tokenizer)
     return [next(it) for _ in range(4)]
-  for a, b in zip(batches(False), batches(True)):
+  for a, b in zip(batches(False), batches(True, image_codebook_size=64)):
     assert all(np.array_equal(a[k], b[k]) for k in KEYS)
+  # Ids stored by a larger VQ than the model's would be clamped by the embedding lookup: refused.
+  biggest = max(int(ex["image_ids"].max()) for ex in stored)
+  with pytest.raises(ValueError, match=rf"image-token id {biggest} is outside the VQ codebook of "
+                                       rf"{biggest} \(data.image_codebook_size\)"):
+    batches(True, image_codebook_size=biggest)
 
   with pytest.raises(KeyError, match="no feature 'picture'"):
     builders.pretokenize_captions(env.names["captions"], env.data_dir, tmp_path / "x",

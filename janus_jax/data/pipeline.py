@@ -24,6 +24,8 @@ Data config (`default_config()`; missing fields take these defaults):
   und_max_scale 0.0          scale by 1 +- this (bilinear; transforms.random_affine); 0 = off
   shuffle True               shuffle each source (reshuffled every epoch); sources repeat forever
   vq_batch 16                images per image_tokenizer call (a fixed shape)
+  image_codebook_size 0      the VQ's codebook size: stored VQ ids (pretokenized_key) at or above
+                             it are refused, naming the dataset; 0 = unchecked
   read_threads 4, prefetch 16   grain ReadOptions per source (0 threads: read inline)
   sources.{understanding,text,generation}: each
     name       tfds name ("image_captions/cc", "mnist", ...), read from data_dir
@@ -81,7 +83,7 @@ def default_config() -> ml_collections.ConfigDict:
       "num_image_tokens_gen": 576, "system_prompt": None,
       "caption_prompt": "Describe this image in detail.", "und_max_shift": 0,
       "und_max_rotation": 0.0, "und_max_scale": 0.0, "shuffle": True,
-      "vq_batch": 16,
+      "vq_batch": 16, "image_codebook_size": 0,
       "read_threads": 4, "prefetch": 16, "sources": ml_collections.ConfigDict()})
 
 
@@ -330,7 +332,8 @@ def make_dataset(data_config: Any, tokenizer: Tokenizer, family: str, *, seed: i
       caption_prompt=_get(c, "caption_prompt", "Describe this image in detail."),
       und_max_shift=int(_get(c, "und_max_shift", 0)),
       und_max_rotation=float(_get(c, "und_max_rotation", 0.0)),
-      und_max_scale=float(_get(c, "und_max_scale", 0.0)))
+      und_max_scale=float(_get(c, "und_max_scale", 0.0)),
+      image_codebook_size=int(_get(c, "image_codebook_size", 0)))
   if family not in processing.ROLES:
     raise ValueError(f"unknown family {family!r}; expected one of {sorted(processing.ROLES)}")
   weights = _weights(mixture)

@@ -52,6 +52,7 @@ class Layout:
   und_max_shift: int = 0
   und_max_rotation: float = 0.0
   und_max_scale: float = 0.0
+  image_codebook_size: int = 0  # 0: stored image ids unchecked
 
 
 # ------------------------------------------------------------------------------ decoding
@@ -275,20 +276,24 @@ def generation_example(caption: str, layout: Layout, rng: np.random.Generator,
     return {}
   ex = _example(ids, [False] * len(ids), GENERATION, _no_pixels(layout))
   if image_ids is not None:
-    return with_image_ids(ex, image_ids, layout.num_image_tokens_gen)
+    return with_image_ids(ex, image_ids, layout.num_image_tokens_gen, layout.image_codebook_size)
   ex["gen_pixels"] = crop_image(as_image(image), layout.gen_image_size)
   return ex
 
 
-def with_image_ids(ex: Example, image_ids: Any, num_tokens: int) -> Example:
+def with_image_ids(ex: Example, image_ids: Any, num_tokens: int, codebook_size: int = 0) -> Example:
   """Appends the N VQ ids to a generation prompt; loss from `<begin_of_image>` (predicting the
-  first image token) to the second-to-last image token."""
+  first image token) to the second-to-last image token. codebook_size > 0: ids must be below it
+  (stored ids of another VQ would index past the generation embedding, which JAX clamps)."""
   image_ids = np.asarray(image_ids).reshape(-1)
   if image_ids.shape != (num_tokens,) or not np.issubdtype(image_ids.dtype, np.integer):
     raise ValueError(f"expected {num_tokens} integer image-token ids, got {image_ids.dtype} "
                      f"{image_ids.shape}")
   if image_ids.min() < 0:
     raise ValueError("image-token ids must be >= 0")
+  if codebook_size and image_ids.max() >= codebook_size:
+    raise ValueError(f"image-token id {int(image_ids.max())} is outside the VQ codebook of "
+                     f"{codebook_size} (data.image_codebook_size): ids stored by another VQ?")
   n_prompt = len(ex["ids"])
   ids = np.concatenate([ex["ids"], image_ids.astype(np.int32)])
   is_image = np.arange(len(ids)) >= n_prompt
