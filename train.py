@@ -113,7 +113,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
       donate_argnums=0)
   t0 = time.perf_counter()
-  with mesh, sharding.axis_rules():
+  with sharding.mesh_rules(mesh):
     compiled = step_fn.lower(abstract_state, training.abstract_batch(config, stage.batch_size)
                              ).compile(compiler_options=support.compiler_options(config))
   print(f"compiled the {name} step in {time.perf_counter() - t0:.1f} s; "

@@ -108,7 +108,8 @@ step = jax.jit(functools.partial(training.train_step, model=model, optimizer=opt
                schedule=training.learning_rate_schedule(stage), trainable=trainable),
                in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None), donate_argnums=0)
 t0 = time.perf_counter()
-compiled = step.lower(abstract, batch).compile()
+with sharding.mesh_rules(mesh):  # as train.py compiles it: the activations' logical constraints bound
+  compiled = step.lower(abstract, batch).compile()
 seconds = time.perf_counter() - t0
 m = compiled.memory_analysis()
 total = m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes

@@ -118,9 +118,10 @@ def _check_divisible(count: int, what: str, mesh: Mesh | None) -> None:
 def _place(mesh: Mesh | None, model: Janus, params: Any, *batch: Any) -> tuple[Any, ...]:
   """Params onto their shardings and batch arrays (leading axis = rows) over the data axes.
 
-  The jitted functions then follow these input shardings (GSPMD propagation). They run without a
-  context mesh on purpose: under `jax.set_mesh` + logical rules, flax 0.12's DenseGeneral applies
-  its 3-D logical names to the kernel flattened to 2-D during the param shape check and fails.
+  The jitted functions then follow these input shardings (propagation) and the sampler's own
+  constraints. They run without a context mesh on purpose, so the model's training-layout
+  activation constraints (the sequence over `fsdp`: sharding.mesh_rules) stay unbound: a decode
+  step's sequence is one token.
   """
   if mesh is None:
     return (params, *(None if x is None else jnp.asarray(x) for x in batch))

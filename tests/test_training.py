@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -45,8 +46,16 @@ def _run(stage_name, steps, mesh=None, batches=None):
                               jax.random.key(0))
     state_sh = sharding.param_shardings(abstract, mesh)
     batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batches[0].items()}
-    fn = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+    jitted = jax.jit(step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
     state = jax.device_put(state, state_sh)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error", DeprecationWarning)
+      with sharding.mesh_rules(mesh):  # as train.py compiles: activation constraints bound
+        lowered = jitted.lower(state, batches[0])
+    # The model's nn.with_logical_constraint calls became sharding constraints (without the
+    # context they are no-ops and the lowered step has none).
+    assert lowered.as_text().count("sdy.sharding_constraint") > 0
+    fn = lowered.compile()
   losses = []
   for batch in batches[:steps]:
     state, metrics = fn(state, batch)

@@ -26,9 +26,21 @@ Dtype = Any
 default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 
+class _LogicalAxes(nn.LogicallyPartitioned):
+  """nn.LogicallyPartitioned that skips its sharding constraint while its value does not have one
+  dimension per name: flax's DenseGeneral initialises and unboxes its kernel flattened to 2-D
+  before reshaping it, so under a context mesh (`jax.set_mesh`, as train.py compiles) the 3-D
+  names of an attention kernel would be applied to the 2-D view and fail."""
+
+  def unbox(self, apply_constraint=True):
+    return super().unbox(apply_constraint and jnp.ndim(self.value) == len(self.names))
+
+
 def param_with_axes(init, axes: tuple[str | None, ...]):
   """An initializer that tags its parameter with logical axis names (see janus_jax.sharding)."""
-  return nn.with_logical_partitioning(init, axes)
+  def tagged(*args, **kwargs):
+    return _LogicalAxes(init(*args, **kwargs), tuple(axes))
+  return tagged
 
 
 @flax.struct.dataclass
