@@ -11,7 +11,7 @@ model the activations by rows over `data` and by sequence over `fsdp` (compiled 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -118,12 +118,11 @@ def axis_rules():
   return nn.logical_axis_rules(list(LOGICAL_RULES))
 
 
-def mesh_rules(mesh: Mesh) -> contextlib.ExitStack:
+@contextlib.contextmanager
+def mesh_rules(mesh: Mesh) -> Iterator[None]:
   """The context to trace and compile a step in: `mesh` as the context mesh (`jax.set_mesh`) plus
   `axis_rules`, so that the model's activation constraints (`nn.with_logical_constraint`) bind
   to it. flax 0.12 reads only the context mesh `jax.set_mesh` sets: under the legacy `with mesh:`
   they are silently dropped. train.py and the AOT benchmark compile the same program in it."""
-  stack = contextlib.ExitStack()
-  stack.enter_context(jax.set_mesh(mesh))
-  stack.enter_context(axis_rules())
-  return stack
+  with jax.set_mesh(mesh), axis_rules():
+    yield
