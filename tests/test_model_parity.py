@@ -196,7 +196,7 @@ def test_prefill_then_decode_equals_full_forward(setup, scan_layers):
 
 
 def test_several_images_with_padding_slots(setup):
-  """k-th placeholder takes the k-th valid image's features, row-major over the batch."""
+  """Within each row, the k-th placeholder takes the k-th valid image's features."""
   hf, model, params = setup
   rng = np.random.default_rng(7)
   pixels = _pixels(rng, 4, 32).reshape(2, 2, 32, 32, 3)
