@@ -51,9 +51,12 @@ class EncoderBlock(nn.Module):
     q = dense_general((c.num_heads, head_dim), qkv_axes, "q_proj")(h)
     k = dense_general((c.num_heads, head_dim), qkv_axes, "k_proj")(h)
     v = dense_general((c.num_heads, head_dim), qkv_axes, "v_proj")(h)
-    logits = jnp.einsum("bqnh,bknh->bnqk", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    # Heads leading before the products (as llm.attend): XLA:CPU attention x0.92 (fwd + bwd).
+    q, k, v = (t.transpose(0, 2, 1, 3) for t in (q, k, v))  # [B, heads, N, head_dim]
+    logits = jnp.einsum("bnqh,bnkh->bnqk", q, k,
+                        preferred_element_type=jnp.float32) * head_dim**-0.5
     probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    attn = jnp.einsum("bnqk,bknh->bqnh", probs, v)
+    attn = jnp.einsum("bnqk,bnkh->bnqh", probs, v).transpose(0, 2, 1, 3)
     x_BxNxW = x_BxNxW + dense_general(c.width, ("heads", "head_dim", "embed"), "out_proj",
                                       axis=(-2, -1))(attn)
 
