@@ -261,16 +261,18 @@ def test_caption_log_likelihoods_equal_the_training_loss(built, tmp_path):
   (image, prompt), score = -64 x the generation loss; the last column is the CFG-dropped row."""
   _, tok_dir = built
   pre = load_pretrained(_tiny_checkpoint(tok_dir, str(tmp_path / "model")))
-  leaves, treedef = jax.tree.flatten(pre.params)  # random, far from uniform predictions
-  keys = jax.random.split(jax.random.key(1), len(leaves))
-  pre = dataclasses.replace(pre, params=jax.tree.unflatten(treedef, [
-      0.3 * jax.random.normal(k, x.shape, x.dtype) for k, x in zip(keys, leaves)]))
+  # Random, far from uniform predictions (numpy draws: an eager jax.random per leaf shape
+  # compiles once per shape, ~25 s here).
+  rng = np.random.default_rng(1)
+  pre = dataclasses.replace(pre, params=jax.tree.map(
+      lambda x: jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype), pre.params))
   num_tokens, codebook = pre.config.vq.grid_size ** 2, pre.config.vq.codebook_size
   ids_NxL = np.random.default_rng(0).integers(0, codebook, (3, num_tokens))
   captions = ["a handwritten digit seven", "the number 2 written by hand"]
   scores = eval_digits.caption_log_likelihoods(pre, ids_NxL, captions, batch_size=2)
   assert scores.shape == (3, 3) and np.all(scores < 0)
   tok = pre.tokenizer
+  loss_fn = jax.jit(lambda params, batch: training.loss_and_metrics(params, pre.model, batch))
   for drop in (0.0, 1.0):
     layout = transforms.Layout(tok, "janus_pro", 300, 1, 32, 32, 16, num_tokens, drop, "", "Q?")
     for p, caption in enumerate(captions if drop == 0 else captions[:1]):
@@ -279,7 +281,7 @@ def test_caption_log_likelihoods_equal_the_training_loss(built, tmp_path):
                                            image_ids=ids)
         row = packing.assemble_row([ex], 300, 1, 32, tok.pad_id, tok.image_placeholder_id)
         batch = {k: jnp.asarray(v[None]) for k, v in row.items()}
-        _, metrics = training.loss_and_metrics(pre.params, pre.model, batch)
+        _, metrics = loss_fn(pre.params, batch)
         assert float(metrics["tokens/generation"]) == num_tokens
         expected = -num_tokens * float(metrics["loss/generation"])
         column = p if drop == 0 else len(captions)
