@@ -36,7 +36,8 @@ def root(tmp_path_factory):
 
 
 def _env(root):
-  return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+  return {**os.environ,  # (LLVM level 0 as conftest: these runs are mostly compiles)
+          "XLA_FLAGS": "--xla_force_host_platform_device_count=2 --xla_backend_optimization_level=0",
           "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
           # The runs compile the same programs: share them through the persistent cache.
           "JAX_COMPILATION_CACHE_DIR": str(root / "xla_cache"),
