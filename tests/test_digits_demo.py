@@ -12,7 +12,11 @@ understanding encoder (patch 32, so the LLM needs no position-specific readout) 
 understanding to 80.5 % (70.5 % with a generation-heavy mixture, 74 % with 300 stage-2 steps) but
 generation fell to 21 / 24 / 15 % against 38 % for the committed recipe on the same host: not
 kept. VQ batches of 8 (40 s against 50 for the VQ) with the ViT's materialised gradients: 48.5 %,
-40 % and 53.5 %, 3:54 for training in a slow hour of the host (4:03 before, the same hour)."""
+40 % and 53.5 %, 3:54 for training in a slow hour of the host (4:03 before, the same hour).
+On a 2-core AMD EPYC host (117 GFLOP/s matmuls): 49 %, 36 %, 48.5 %, training 4:11 (VQ 43 s,
+stage 2 111 s, the three compiles 27 s), the test 4:39-5:05. Half the stage-2 compute reads near
+or under the bounds: batch 8 for the same 450 steps 40 %, 18 %, 30.5 %; 225 steps at 5e-3 29.5 %,
+21 %, 36 % (stages 1-3 from the same stage 0). So a 1-2 minute demo needs a faster step."""
 
 from __future__ import annotations
 
