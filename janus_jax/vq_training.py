@@ -197,13 +197,16 @@ def train_vq(vq_config: ml_collections.ConfigDict, images_train: np.ndarray,
   state = {"params": params, "opt_state": tx.init(params),
            # Zero usage: codes the first reinit_every steps never pick are revived at once.
            "usage": jnp.zeros((k,), jnp.float32), "step": jnp.int32(0)}
-  before = evaluate(model, params, x_test_u8)
+  key = jax.random.key(seed)
+  # Compiled first, so that bad compiler options fail before any other work.
   step_fn = jax.jit(functools.partial(_train_step, model=model, tx=tx, beta=beta,
                                       l1_weight=l1_weight, reinit_every=reinit_every,
                                       dead_fraction=dead_fraction, ema_decay=ema_decay),
-                    donate_argnums=0, compiler_options=compiler_options or None)
+                    donate_argnums=0).lower(
+      state, jax.ShapeDtypeStruct((batch_size, *x_train.shape[1:]), x_train.dtype), key
+  ).compile(compiler_options=compiler_options or None)
+  before = evaluate(model, params, x_test_u8)
   rng = np.random.default_rng(seed)
-  key = jax.random.key(seed)
   log, running = [], None
   t_train, cpu_train = time.time(), time.process_time()
   for step in range(1, steps + 1):
