@@ -10,6 +10,8 @@ Every method is a pure function of (params, inputs): call them with
 
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import flax.linen as nn
@@ -159,8 +161,11 @@ def init_params_host(model: Janus, seed: int) -> Any:
   return flax.traverse_util.unflatten_dict(out)
 
 
+@functools.lru_cache(maxsize=8)
 def abstract_params(model: Janus) -> Any:
-  """ShapeDtypeStructs (still logically partitioned), with nothing allocated."""
+  """ShapeDtypeStructs (still logically partitioned), with nothing allocated. Cached per model
+  config: tracing the init takes seconds, and loading, sharding and host init each need it.
+  Treat the result as read-only."""
   return jax.eval_shape(lambda: init_params(model, jax.random.key(0)))
 
 
