@@ -170,13 +170,14 @@ def prompts(batch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = True,
-              unroll: bool = True) -> dict:
-  """unroll: decode over per-layer weights (the CPU default) or the layer scan."""
+              unroll: bool = True, segments: int = 1) -> dict:
+  """unroll: decode over per-layer weights (the CPU default) or the layer scan. segments: the
+  token loop cut into scans over growing KV-cache prefixes (sampling.generate_image_tokens)."""
   ids, valid = prompts(batch)
   settings = sampling.Sampler(temperature=TEMPERATURE)
   run = lambda seed: jax.block_until_ready(sampling.generate_image_tokens(
       model, params, ids, valid, rng=jax.random.key(seed), pad_id=PAD, cfg_weight=CFG,
-      settings=settings, num_image_tokens=steps, unroll_layers=unroll))
+      settings=settings, num_image_tokens=steps, unroll_layers=unroll, segments=segments))
   # The two jitted functions on the rows generate_image_tokens builds, compiled ahead of time.
   length = sampling.bucket_length(PROMPT_LEN)
   pad = [(0, 0), (length - PROMPT_LEN, 0)]
@@ -188,7 +189,7 @@ def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = Tr
     hidden, cache = jax.eval_shape(prefill, params, rows, rows_valid)
     sampling._image_decode.lower(model, params, hidden, cache, rows_valid, jax.random.key(0),
                                  jnp.float32(CFG), settings=settings, mesh=None,
-                                 unroll=unroll).compile()
+                                 unroll=unroll, segments=segments).compile()
   run(0)  # warm: the jit caches of generate_image_tokens
   total_s, foreign = best_of(lambda: run(1), repeats)
   prefill_s, _ = best_of(lambda: jax.block_until_ready(prefill_exe(params, rows, rows_valid)), 3)
@@ -287,6 +288,8 @@ def main():
   p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (best kept)")
   p.add_argument("--skip", default="", help="comma list of: hf, eager, vq (both VQ decodes), "
                  "scan (jax with the layer scan instead of unrolled layers)")
+  p.add_argument("--segments", type=int, default=1, help="also time jax with the token loop cut "
+                 "into this many scans over growing KV-cache prefixes (the 'jax_segmented' row)")
   p.add_argument("--out", default=None, help="write the results as JSON here (after every measurement)")
   args = p.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
@@ -314,7 +317,8 @@ def main():
                              prompt_len=PROMPT_LEN, steps=args.steps, cfg=CFG, temperature=TEMPERATURE,
                              jax=jax.__version__, torch=torch.__version__, devices=str(jax.devices()),
                              torch_device=str(hf.device)),
-                 ceilings=dict(jax=jax_ceilings(jnp.dtype(args.dtype))), jax={}, jax_scan={}, hf={},
+                 ceilings=dict(jax=jax_ceilings(jnp.dtype(args.dtype))), jax={}, jax_scan={},
+                 jax_segmented={}, hf={},
                  eager={}, floor={}, errors={})
   print("jax ceilings", results["ceilings"]["jax"], flush=True)
 
@@ -333,6 +337,9 @@ def main():
     if "scan" not in skip:
       measure("jax_scan", b, lambda: bench_jax(model, params, b, args.steps, args.repeats, False,
                                                unroll=False))
+    if args.segments > 1:
+      measure("jax_segmented", b, lambda: bench_jax(model, params, b, args.steps, args.repeats,
+                                                    False, segments=args.segments))
   time.sleep(1.0)  # let XLA's worker threads go idle before torch's OpenMP pool spins up
   results["ceilings"]["torch"] = torch_ceilings(args.device, torch_dtype)
   print("torch ceilings", results["ceilings"]["torch"], flush=True)
@@ -391,8 +398,8 @@ def print_table(results: dict, batches: list[int]) -> None:
   print("|" + "---|" * (head.count("|") - 1))
   for b in batches:
     fl = results["floor"][b]
-    for name in ("jax", "jax_scan", "hf", "eager"):
-      r = results[name].get(b)
+    for name in ("jax", "jax_scan", "jax_segmented", "hf", "eager"):
+      r = results.get(name, {}).get(b)
       if not r:
         continue
       extra = (f"{r['prefill_ms']:.1f} | {r['compile_s']:.1f} | {r['vq_s'] / b:.3f}"

@@ -85,6 +85,25 @@ def test_greedy_image_tokens_match_transformers(setup, unroll_layers):
   np.testing.assert_array_equal(ours, _hf_image_tokens(hf, ids, valid, do_sample=False))
 
 
+@pytest.mark.parametrize("unroll_layers", [True, False], ids=["blocked", "layer_scan"])
+def test_segmented_image_loop_matches_transformers(setup, unroll_layers):
+  """The token loop cut into 4 scans over growing cache prefixes (15 trunk calls: segments of 4,
+  4, 3 and 4 steps) still gives the oracle's greedy tokens, and sampled tokens equal one scan's."""
+  hf, model, params = setup
+  ids, valid = _t2i_prompts()
+  run = lambda settings, segments, seed=0: np.asarray(sampling.generate_image_tokens(
+      model, params, ids, valid, rng=jax.random.key(seed), pad_id=PAD, cfg_weight=CFG,
+      settings=settings, unroll_layers=unroll_layers, segments=segments))
+  np.testing.assert_array_equal(run(sampling.GREEDY, 4),
+                                _hf_image_tokens(hf, ids, valid, do_sample=False))
+  np.testing.assert_array_equal(run(sampling.Sampler(), 4, seed=5), run(sampling.Sampler(), 1, seed=5))
+
+
+def test_segment_bounds():
+  assert sampling._segment_bounds(15, 4) == [(0, 4), (4, 8), (8, 11), (11, 15)]
+  assert sampling._segment_bounds(2, 4) == [(0, 1), (1, 2)]
+
+
 def test_unrolled_whole_kernels_off_cpu_match_transformers(setup):
   """Off XLA:CPU the unrolled sampler keeps each kernel whole (one gemm per weight): the backend
   is reported as a GPU while the weights are prepared, and the tokens still equal the oracle's."""
@@ -198,12 +217,13 @@ def test_sample_logits_settings():
     sampling.Sampler(top_p=0.0)
 
 
-def _sampled_image_tokens(seed: int, mesh=None):
+def _sampled_image_tokens(seed: int, mesh=None, segments=1):
   _, model, params = _setup()
   ids, valid = _t2i_prompts()
   return np.asarray(sampling.generate_image_tokens(
       model, params, ids, valid, rng=jax.random.key(seed), pad_id=PAD, cfg_weight=CFG,
-      settings=sampling.Sampler(temperature=1.0), images_per_prompt=2, mesh=mesh))
+      settings=sampling.Sampler(temperature=1.0), images_per_prompt=2, mesh=mesh,
+      segments=segments))
 
 
 @functools.lru_cache(maxsize=None)
@@ -317,6 +337,7 @@ def test_sharded_sampling_equals_single_device(setup):
   assert len(greedy.sharding.device_set) == 8
   np.testing.assert_array_equal(np.asarray(greedy), np.repeat(_greedy_image_tokens(), 2, axis=0))
   np.testing.assert_array_equal(_sampled_image_tokens(0, mesh), _sampled_unsharded(0))
+  np.testing.assert_array_equal(_sampled_image_tokens(0, mesh, segments=3), _sampled_unsharded(0))
   with pytest.raises(ValueError, match="divisible by the data-parallel size 8"):
     sampling.generate_image_tokens(model, params, ids, valid, rng=jax.random.key(0), pad_id=PAD,
                                    images_per_prompt=2, mesh=sharding.make_mesh((4, 2, 1)))
