@@ -267,8 +267,8 @@ def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, 
   The loop runs as `segments` scans in turn, each attending over only the cache slots that can
   be written by its end (a prefix copied out once per segment and written back after it): with
   4 segments of 576 tokens a step reads ~0.64 of the cache on average instead of all of it. Each
-  segment compiles its own loop body. On XLA:CPU (the bench preset, 576 tokens, B = 1 and 8) it
-  measured no faster than one scan, inside the host's noise, at twice the compile time, so one
+  segment compiles its own loop body. On XLA:CPU (the bench preset, 576 tokens) it measured no
+  faster than one scan at B = 8 and slower at B = 1 (README), at twice the compile time, so one
   segment is the default; it is there for long loops where attention bytes bound the step.
   """
   del mesh  # only part of the compilation key (the inputs carry the shardings)
