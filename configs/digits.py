@@ -101,6 +101,9 @@ def get_config(arg: str | None = None):
   # 96.4 / 96.8 / 95.2 % against 96.8 / 96.4 / 95.8 %; 13:17 / 13:20 / 14:19 of wall time. Seed 3:
   # 95.8 %, 85.7 / 97.3 / 94.0 %, 93.2 %, 15:03 in a slower hour of the host.
   # 0.3 (seed 1): 60.3 / 87.0 / 84.0 %, caption classification 84.2 %.
+  # With the 2,000-step encoder, seeds 0 / 1 (0.1: 82.7/92.7/82.0, 82.3/91.3/85.0 %; caption
+  # classification 91.6 / 93.0 %): 0.05 85.0/96.7/85.0, 86.7/94.7/83.3 % (95.8 / 94.6 %; ones at
+  # CFG 5 30 / 7 %); 0.15 76.0/93.7/84.7, 81.0/96.3/88.0 % (89.6 / 92.4 %; ones 23 / 50 %).
   # The understanding images also rotate (+-12 deg) and scale (+-10 %), as in the encoder's
   # pretraining. Seeds 0 / 1 / 2 (cfg_drop 0.2): understanding 96.8 / 96.4 / 95.8 % against 95.6 /
   # 96.0 / 95.6 % with shifts alone; generation at CFG 1 / 3 / 5 79.3 / 96.7 / 87.3, 78.0 / 92.7 /
