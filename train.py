@@ -72,10 +72,12 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   stage = config.stages[name]
   trainable = training.check_trainable(stage.trainable)
   loss_weights = training.check_loss_weights(stage)  # None: every supervised token counts once
+  smoothing = training.check_image_label_smoothing(stage)
   workdir = os.path.join(config.workdir, name)
   print(f"=== {name}: trains {', '.join(trainable)}; lr {stage.learning_rate}, "
         f"{stage.steps} steps, batch {stage.batch_size}, mixture {tuple(stage.mixture)}"
-        + (f", loss weights {loss_weights}" if loss_weights else ""))
+        + (f", loss weights {loss_weights}" if loss_weights else "")
+        + (f", image label smoothing {smoothing}" if smoothing else ""))
 
   # --- state: shapes and shardings from the logical axis rules ---------------------------------
   optimizer = training.make_optimizer(stage, config.optimizer)
@@ -109,7 +111,8 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   # --- the compiled step -----------------------------------------------------------------------
   step_fn = jax.jit(
       functools.partial(training.train_step, model=model, optimizer=optimizer, schedule=schedule,
-                        trainable=trainable, loss_weights=loss_weights),
+                        trainable=trainable, loss_weights=loss_weights,
+                        image_label_smoothing=smoothing),
       in_shardings=(state_shardings, batch_shardings), out_shardings=(state_shardings, None),
       donate_argnums=0)
   t0 = time.perf_counter()

@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--und_limit", type=int, default=0, help="score only N test images (0: all)")
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--top_k", type=int, default=0)
-  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--seed", type=int, default=0, help="the sampling and the judge's seed")
+  p.add_argument("--classifier_steps", type=int, default=1500,
+                 help="training steps of the judge (janus_jax/digit_classifier.py)")
   p.add_argument("--system_prompt", default=None,
                  help="the system prompt training used (default: processing.SYSTEM_PROMPT)")
   args = p.parse_args(argv)
@@ -40,7 +42,8 @@ def main(argv: list[str] | None = None) -> dict:
       data_dir=args.data_dir if os.path.isdir(args.data_dir) else None,
       run_dir=args.run_dir if os.path.isdir(args.run_dir) else None, seed=args.seed,
       cfg_weights=args.cfg, images_per_digit=args.per_digit, und_limit=args.und_limit or None,
-      system_prompt=args.system_prompt, temperature=args.temperature, top_k=args.top_k)
+      system_prompt=args.system_prompt, temperature=args.temperature, top_k=args.top_k,
+      classifier_steps=args.classifier_steps)
   print(eval_digits.markdown_table(results))
   print(f"\nunderstanding examples (label, answer): {json.dumps(results['understanding']['examples'])}")
   print(f"wrote {', '.join(results['files'] + ['results.json'])} to {args.out} "

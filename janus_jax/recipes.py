@@ -17,12 +17,15 @@ STAGE3_PARTS = STAGE2_PARTS + ("understanding_encoder",)
 def stage(trainable, learning_rate: float, warmup_steps: int, steps: int, batch_size: int,
           mixture, cooldown_steps: int = 0,
           learning_rate_scales: dict[str, float] | None = None,
-          loss_weights=(1.0, 1.0, 1.0)) -> ml_collections.ConfigDict:
+          loss_weights=(1.0, 1.0, 1.0), image_label_smoothing: float = 0.0
+          ) -> ml_collections.ConfigDict:
   """One row of the stage table; cooldown_steps > 0 decays the learning rate linearly to zero
   over the stage's last steps (training.learning_rate_schedule); learning_rate_scales
   {part: s} trains those parts at s times the stage's rate (training.make_optimizer);
   loss_weights (understanding, text, generation) weights each task's tokens in the loss
-  (training.loss_and_metrics)."""
+  (training.loss_and_metrics); image_label_smoothing eps trains the image head against
+  (1 - eps) one-hot + eps uniform targets (MaskGIT's 0.1), which bounds how unlikely any image
+  token can become and so how far classifier-free guidance can lift one."""
   return ml_collections.ConfigDict(dict(
       trainable=tuple(trainable), learning_rate=learning_rate, warmup_steps=warmup_steps,
       steps=steps, batch_size=batch_size, mixture=tuple(float(m) for m in mixture),
@@ -31,7 +34,8 @@ def stage(trainable, learning_rate: float, warmup_steps: int, steps: int, batch_
       # --config.stages.stage2.learning_rate_scales.llm=0.5
       learning_rate_scales=ml_collections.ConfigDict(
           {**{part: 1.0 for part in trainable}, **dict(learning_rate_scales or {})}),
-      loss_weights=tuple(float(w) for w in loss_weights)))
+      loss_weights=tuple(float(w) for w in loss_weights),
+      image_label_smoothing=float(image_label_smoothing)))
 
 
 def janus_pro_stages(stage3_steps: int) -> ml_collections.ConfigDict:

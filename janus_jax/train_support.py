@@ -55,6 +55,7 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
   try:
     training.check_learning_rate_scales(stage)
     training.check_loss_weights(stage)
+    training.check_image_label_smoothing(stage)
   except ValueError as e:
     raise ValueError(f"config.stages.{name}.{e}") from None
   shards = int(np.prod([mesh.shape[a] for a in sharding.BATCH_AXES]))

@@ -127,10 +127,24 @@ def embed_batch(m: janus_lib.Janus, batch: dict[str, jax.Array]) -> jax.Array:
   return jnp.where(image_tokens[..., None], m.embed_image_tokens(codes).astype(x.dtype), x)
 
 
-def _cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array) -> jax.Array:
+def check_image_label_smoothing(stage: ml_collections.ConfigDict) -> float:
+  """The stage's label smoothing of the image head's targets (0: plain cross-entropy)."""
+  eps = float(stage.get("image_label_smoothing", 0.0))
+  if not 0 <= eps < 1:
+    raise ValueError(f"image_label_smoothing = {eps}: need 0 <= eps < 1")
+  return eps
+
+
+def _cross_entropy(logits_BxTxV: jax.Array, targets_BxT: jax.Array,
+                   label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """(loss, nll) per token: the cross-entropy against (1 - eps) one-hot + eps uniform, and the
+  plain negative log-likelihood of the target (the same array when eps is 0)."""
   logits = logits_BxTxV.astype(jnp.float32)
-  target_logit = jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+  lse = jax.nn.logsumexp(logits, axis=-1)
+  nll = lse - jnp.take_along_axis(logits, targets_BxT[..., None], axis=-1)[..., 0]
+  if not label_smoothing:
+    return nll, nll
+  return (1 - label_smoothing) * nll + label_smoothing * (lse - logits.mean(-1)), nll
 
 
 # Tokens per chunk of the two heads and their cross-entropy: the full-vocabulary logits of a
@@ -139,10 +153,12 @@ LOSS_CHUNK_TOKENS = 2048
 
 
 def token_losses(params: Any, model: janus_lib.Janus, hidden_BxTxD: jax.Array,
-                 targets_BxT: jax.Array, is_image_BxT: jax.Array) -> jax.Array:
-  """Cross-entropy per token [B, T]: the text head for text targets, the image head for image
-  targets. Computed LOSS_CHUNK_TOKENS at a time under `jax.checkpoint`, so no chunk's logits are
-  kept for the backward pass."""
+                 targets_BxT: jax.Array, is_image_BxT: jax.Array,
+                 image_label_smoothing: float = 0.0) -> tuple[jax.Array, jax.Array]:
+  """(loss, nll) per token, each [B, T]: the text head for text targets, the image head for
+  image targets; loss smooths the image targets' labels by image_label_smoothing (nll: the plain
+  cross-entropy, the same array without smoothing). Computed LOSS_CHUNK_TOKENS at a time under
+  `jax.checkpoint`, so no chunk's logits are kept for the backward pass."""
   b, t, d = hidden_BxTxD.shape
   n = b * t
   chunk = min(LOSS_CHUNK_TOKENS, n)
@@ -154,33 +170,38 @@ def token_losses(params: Any, model: janus_lib.Janus, hidden_BxTxD: jax.Array,
     h_CxD, targets_C, is_image_C = args
     text_logits, image_logits = model.apply(
         {"params": params}, method=lambda m: (m.text_logits(h_CxD), m.image_logits(h_CxD)))
-    text_ce = _cross_entropy(text_logits, jnp.where(is_image_C, 0, targets_C))
-    image_ce = _cross_entropy(image_logits, jnp.where(is_image_C, targets_C, 0))
-    return jnp.where(is_image_C, image_ce, text_ce)
+    text_ce, _ = _cross_entropy(text_logits, jnp.where(is_image_C, 0, targets_C))
+    image_loss, image_nll = _cross_entropy(image_logits, jnp.where(is_image_C, targets_C, 0),
+                                           image_label_smoothing)
+    return jnp.where(is_image_C, image_loss, text_ce), jnp.where(is_image_C, image_nll, text_ce)
 
   chunks = (flat(hidden_BxTxD).reshape(-1, chunk, d), flat(targets_BxT).reshape(-1, chunk),
             flat(is_image_BxT).reshape(-1, chunk))
-  return jax.lax.map(one_chunk, chunks).reshape(-1)[:n].reshape(b, t)
+  loss, nll = jax.lax.map(one_chunk, chunks)
+  unchunk = lambda x: x.reshape(-1)[:n].reshape(b, t)
+  return unchunk(loss), unchunk(nll)
 
 
 def loss_and_metrics(params: Any, model: janus_lib.Janus, batch: dict[str, jax.Array],
-                     loss_weights: Sequence[float] | None = None
+                     loss_weights: Sequence[float] | None = None, image_label_smoothing: float = 0.0
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Mean cross-entropy over every supervised token, each weighted by its task's entry of
-  loss_weights (understanding, text, generation; None: all 1); plus each task's mean loss and
-  token count."""
+  loss_weights (understanding, text, generation; None: all 1), the image tokens' labels smoothed
+  by image_label_smoothing; plus each task's mean loss (the plain cross-entropy, comparable
+  across runs) and token count."""
 
   def trunk(m: janus_lib.Janus):
     hidden, _ = m(embed_batch(m, batch), batch["positions"], llm.segment_mask(batch["segment_ids"]))
     return hidden
 
   hidden = model.apply({"params": params}, method=trunk)
-  ce_BxT = token_losses(params, model, hidden, batch["targets"], batch["target_is_image"])
+  loss_BxT, ce_BxT = token_losses(params, model, hidden, batch["targets"],
+                                  batch["target_is_image"], image_label_smoothing)
   mask = batch["loss_mask"].astype(jnp.float32)
   weight_BxT = mask
   if loss_weights is not None:  # (a Python branch: without weights the step is unchanged)
     weight_BxT = mask * jnp.asarray(loss_weights, jnp.float32)[jnp.clip(batch["task"], 0, 2)]
-  loss = (ce_BxT * weight_BxT).sum() / jnp.maximum(weight_BxT.sum(), 1e-6)
+  loss = (loss_BxT * weight_BxT).sum() / jnp.maximum(weight_BxT.sum(), 1e-6)
   metrics = {"loss": loss, "supervised_tokens": mask.sum(),
              "tokens": (batch["segment_ids"] > 0).sum().astype(jnp.float32)}
   for i, task in enumerate(TASKS):
@@ -192,17 +213,19 @@ def loss_and_metrics(params: Any, model: janus_lib.Janus, batch: dict[str, jax.A
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, model: janus_lib.Janus,
                optimizer: optax.GradientTransformation, schedule: optax.Schedule,
-               trainable: tuple[str, ...], loss_weights: tuple[float, float, float] | None = None
-               ) -> tuple[TrainState, dict[str, jax.Array]]:
+               trainable: tuple[str, ...], loss_weights: tuple[float, float, float] | None = None,
+               image_label_smoothing: float = 0.0) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer step over the trainable parts (jit with a donated state; see train.py).
-  loss_weights: per task (understanding, text, generation), see `loss_and_metrics`.
+  loss_weights: per task (understanding, text, generation); image_label_smoothing: see
+  `loss_and_metrics`.
 
   Frozen parts are closed over, not differentiated: no gradient work and they stay bit-identical.
   """
   train_params, frozen_params = split_trainable(state.params, trainable)
 
   def loss_fn(train_params):
-    return loss_and_metrics({**frozen_params, **train_params}, model, batch, loss_weights)
+    return loss_and_metrics({**frozen_params, **train_params}, model, batch, loss_weights,
+                            image_label_smoothing)
 
   (_, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(train_params)
   updates, opt_state = optimizer.update(grads, state.opt_state, train_params)

@@ -300,7 +300,8 @@ def test_eval_on_a_random_tiny_model(built, tmp_path):
                     "loss/generation": 4.0 / s}) + "\n" for s in range(1, 5)))
   out = tmp_path / "eval"
   results = eval_digits.evaluate(ckpt, out_dir=str(out), run_dir=str(run), cfg_weights=(1.0, 3.0),
-                                 images_per_digit=2, und_batch=10, und_limit=20)
+                                 images_per_digit=2, und_batch=10, und_limit=20,
+                                 classifier_steps=300)
   assert results["classifier"]["test_accuracy"] >= 0.95  # on the 500 real held-out digits
   und = results["understanding"]
   assert und["count"] == 20 and 0 <= und["accuracy"] <= 1 and len(und["per_digit"]) == 10
@@ -317,3 +318,23 @@ def test_eval_on_a_random_tiny_model(built, tmp_path):
   table = eval_digits.markdown_table(results)
   assert table.count("\n| generation, CFG") == 2 and "understanding" in table
   assert "\n| caption classification |" in table
+
+
+def test_digit_classifier_rejects_bad_input():
+  """The judge names what is wrong: labels that do not match the images, a predict before fit,
+  images of another size than it was trained on."""
+  from janus_jax.digit_classifier import DigitClassifier
+
+  x, y = digits.load_split("test", 32, 0)
+  with pytest.raises(ValueError, match=r"images \(20, 32, 32\), labels \(19,\)"):
+    DigitClassifier(steps=1).fit(x[:20], y[:19])
+  with pytest.raises(ValueError, match="labels in 0-9"):
+    DigitClassifier(steps=1).fit(x[:20], y[:20] + 10)
+  with pytest.raises(ValueError, match="before fit"):
+    DigitClassifier().predict(x[:4])
+  with pytest.raises(ValueError, match="steps = 0"):
+    DigitClassifier(steps=0)
+  judge = DigitClassifier(steps=2, batch_size=8).fit(x[:20], y[:20])
+  assert judge.predict(np.repeat(x[:3, ..., None], 3, axis=-1)).shape == (3,)  # RGB -> gray
+  with pytest.raises(ValueError, match=r"trained on \(32, 32\) images, got \(28, 28\)"):
+    judge.predict(x[:4, :28, :28])

@@ -40,7 +40,8 @@ def test_quick_demo_trains_above_chance(tmp_path):
     assert (workdir / stage / "model" / "config.json").is_file()
   results = eval_digits.evaluate(str(workdir / "model"), out_dir=str(tmp_path / "eval"),
                                  data_dir=str(workdir / "data"), run_dir=str(workdir),
-                                 cfg_weights=(5.0,), images_per_digit=10, und_limit=200)
+                                 cfg_weights=(5.0,), images_per_digit=10, und_limit=200,
+                                 classifier_steps=300)
   print(eval_digits.markdown_table(results))
   assert results["understanding"]["accuracy"] >= 0.4, results["understanding"]
   assert results["generation"]["cfg"]["5.0"]["accuracy"] >= 0.2, results["generation"]

@@ -240,7 +240,7 @@ def test_loss_weights_weight_each_tasks_tokens_and_are_checked():
 
   hidden = model.apply({"params": params}, method=trunk)
   ce = np.asarray(training.token_losses(params, model, hidden, batch["targets"],
-                                        batch["target_is_image"]), np.float64)
+                                        batch["target_is_image"])[1], np.float64)
   loss_fn = jax.jit(training.loss_and_metrics, static_argnums=(1, 3))
   plain_loss, plain = loss_fn(params, model, batch, None)
   weights = (3.0, 0.5, 1.0)
@@ -269,3 +269,56 @@ def test_loss_weights_weight_each_tasks_tokens_and_are_checked():
     bad.stages.stage2.loss_weights = weights
     with pytest.raises(ValueError, match=message):
       support.check_stage(bad, "stage2", mesh)
+
+
+def test_image_label_smoothing_smooths_only_image_targets_and_is_checked():
+  """image_label_smoothing eps: each image token's loss is the cross-entropy against
+  (1 - eps) one-hot + eps uniform over the codebook (optax.smooth_labels, computed here from the
+  image head's logits); text tokens and the per-task metrics (the plain cross-entropy) are
+  unchanged; a value outside [0, 1) names the stage and field."""
+  import optax
+
+  config = load_config("tiny")
+  model = janus_lib.build(config.model)
+  params = dict(tiny_params())
+  # A confident image head (random init is near uniform, where smoothing changes little).
+  params["image_head"] = jax.tree.map(lambda w: 30 * w, params["image_head"])
+  batch = jax.tree.map(jnp.asarray, train_fixtures.synthetic_batch(config, 8, 1))
+  is_image = np.asarray(batch["target_is_image"])
+  mask = np.asarray(batch["loss_mask"], np.float64)
+  assert (mask * is_image).sum() > 0 and (mask * ~is_image).sum() > 0
+
+  def trunk(m):
+    return m(training.embed_batch(m, batch), batch["positions"],
+             llm.segment_mask(batch["segment_ids"]))[0]
+
+  hidden = model.apply({"params": params}, method=trunk)
+  eps = 0.1
+  loss_BxT, nll_BxT = training.token_losses(params, model, hidden, batch["targets"],
+                                            batch["target_is_image"], eps)
+  _, plain_BxT = training.token_losses(params, model, hidden, batch["targets"],
+                                       batch["target_is_image"])
+  np.testing.assert_array_equal(np.asarray(nll_BxT), np.asarray(plain_BxT))
+  image_logits = model.apply({"params": params}, hidden, method=model.image_logits)
+  codebook = image_logits.shape[-1]
+  targets = jax.nn.one_hot(jnp.where(batch["target_is_image"], batch["targets"], 0), codebook)
+  expected = np.asarray(optax.softmax_cross_entropy(image_logits.astype(jnp.float32),
+                                                    optax.smooth_labels(targets, eps)))
+  np.testing.assert_allclose(np.asarray(loss_BxT)[is_image], expected[is_image], rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(loss_BxT)[~is_image], np.asarray(plain_BxT)[~is_image])
+
+  loss_fn = jax.jit(training.loss_and_metrics, static_argnums=(1, 3, 4))
+  plain_loss, plain = loss_fn(params, model, batch, None, 0.0)
+  loss, metrics = loss_fn(params, model, batch, None, eps)
+  np.testing.assert_allclose(float(loss), (np.asarray(loss_BxT) * mask).sum() / mask.sum(),
+                             rtol=1e-5)
+  assert abs(float(loss) - float(plain_loss)) > 1e-2, (float(loss), float(plain_loss))
+  for t in training.TASKS:
+    np.testing.assert_allclose(float(metrics[f"loss/{t}"]), float(plain[f"loss/{t}"]), rtol=1e-6)
+
+  mesh = sharding.make_mesh((8, 1, 1))
+  for value in (1.0, -0.1):
+    bad = load_config("tiny")
+    bad.stages.stage3.image_label_smoothing = value
+    with pytest.raises(ValueError, match=rf"stage3.image_label_smoothing = {value}: need 0 <= eps"):
+      support.check_stage(bad, "stage3", mesh)
