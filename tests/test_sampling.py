@@ -192,6 +192,19 @@ def test_cfg_logits_formula():
   np.testing.assert_allclose(got, u32 + 5.0 * (c32 - u32), rtol=1e-6)
 
 
+def test_first_argmax_and_draws_equal_jax():
+  rng = np.random.default_rng(3)
+  x = rng.integers(-3, 3, size=(64, 40)).astype(np.float32)  # many ties
+  x[5, [7, 20]] = np.nan
+  x[6, :] = -np.inf
+  np.testing.assert_array_equal(sampling.first_argmax(jnp.asarray(x)), jnp.argmax(jnp.asarray(x), -1))
+  logits = jnp.asarray(rng.normal(size=(32, 300)).astype(np.float32) * 4)
+  for seed in range(3):
+    np.testing.assert_array_equal(
+        sampling.sample_logits(jax.random.key(seed), logits, sampling.Sampler(temperature=1.0)),
+        jax.random.categorical(jax.random.key(seed), logits, axis=-1))
+
+
 def test_sample_logits_settings():
   logits = jax.random.normal(jax.random.key(0), (64, 50)) * 3
   greedy = np.asarray(logits.argmax(-1))
