@@ -183,12 +183,12 @@ def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = Tr
   pad = [(0, 0), (length - PROMPT_LEN, 0)]
   rows, rows_valid = sampling.cfg_rows(np.pad(ids, pad), np.pad(valid, pad), PAD)
   rows, rows_valid = jnp.asarray(rows, jnp.int32), jnp.asarray(rows_valid)
-  prefill = lambda p, r, v: sampling._image_prefill(model, p, r, v, num_slots=length + steps, mesh=None)
+  prefill = lambda p, r, v: sampling._image_prefill(model, p, r, v, mesh=None)
   with Timer() as compile_t:
     prefill_exe = jax.jit(prefill).lower(params, rows, rows_valid).compile()
     hidden, cache = jax.eval_shape(prefill, params, rows, rows_valid)
     sampling._image_decode.lower(model, params, hidden, cache, rows_valid, jax.random.key(0),
-                                 jnp.float32(CFG), settings=settings, mesh=None,
+                                 jnp.float32(CFG), num_tokens=steps, settings=settings, mesh=None,
                                  unroll=unroll, segments=segments).compile()
   run(0)  # warm: the jit caches of generate_image_tokens
   total_s, foreign = best_of(lambda: run(1), repeats)

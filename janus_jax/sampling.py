@@ -144,18 +144,38 @@ def _place(mesh: Mesh | None, model: Janus, params: Any, *batch: Any) -> tuple[A
                     for x in batch))
 
 
+def _constrain_cache(cache: llm.KVCache, mesh: Mesh | None) -> llm.KVCache:
+  """With a mesh, the cache's rows follow the batch sharding (stacked or per-layer buffers)."""
+  if mesh is None:
+    return cache
+  # Only the batch axis is pinned; the rest (heads over `tensor`) follows the k/v projections.
+  free = PartitionSpec.UNCONSTRAINED
+
+  def constrain(x):
+    spec = PartitionSpec(*(None,) * (x.ndim - 4), sharding.BATCH_AXES, free, free, free)
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+  return llm.KVCache(jax.tree.map(constrain, cache.k), jax.tree.map(constrain, cache.v),
+                     cache.index)
+
+
 def _empty_cache(model: Janus, rows: int, slots: int, mesh: Mesh | None) -> llm.KVCache:
   """A zero KV cache in the compute dtype; with a mesh its rows follow the batch sharding."""
   c = model.config.llm
   cache = llm.KVCache.zeros(c.num_layers, rows, slots, c.num_kv_heads, c.head_dim,
                             janus_lib._dtype(model.config.dtype))
-  if mesh is None:
-    return cache
-  # Only the batch axis is pinned; the rest (heads over `tensor`) follows the k/v projections.
-  free = PartitionSpec.UNCONSTRAINED
-  spec = PartitionSpec(None, sharding.BATCH_AXES, free, free, free)
-  constrain = lambda x: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
-  return llm.KVCache(constrain(cache.k), constrain(cache.v), cache.index)
+  return _constrain_cache(cache, mesh)
+
+
+def _grown_cache(cache: llm.KVCache, slots: int, mesh: Mesh | None) -> llm.KVCache:
+  """The cache with zero slots appended up to `slots`, as new buffers.
+
+  The prefill fills a cache of only the prompt's slots and the token loop grows it: a prefill
+  into the full cache cost 1.21 s against 0.35 s (bench preset, 16 rows, 608 slots, 2-core
+  Zen 5), and handing a full stacked cache to the unrolled loop and back cost two more copies.
+  """
+  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, slots - x.shape[-2]), (0, 0)])
+  return _constrain_cache(
+      llm.KVCache(jax.tree.map(pad, cache.k), jax.tree.map(pad, cache.v), cache.index), mesh)
 
 
 def _apply(model: Janus, params: Any, fn, *args):
@@ -259,10 +279,11 @@ def cfg_rows(ids_BxT: np.ndarray, valid_BxT: np.ndarray, pad_id: int) -> tuple[n
   return rows, np.repeat(valid_BxT, 2, axis=0)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_slots", "mesh"))
-def _image_prefill(model, params, ids_RxT, valid_RxT, *, num_slots, mesh):
+@functools.partial(jax.jit, static_argnames=("model", "mesh"))
+def _image_prefill(model, params, ids_RxT, valid_RxT, *, mesh):
+  """(last hidden [R, D], a cache of the prompt's T slots)."""
   def run(m):
-    cache = _empty_cache(model, ids_RxT.shape[0], num_slots, mesh)
+    cache = _empty_cache(model, ids_RxT.shape[0], ids_RxT.shape[1], mesh)
     return _prefill(m, m.embed_text(ids_RxT), valid_RxT, cache)
   return model.apply({"params": params}, method=run)
 
@@ -272,26 +293,24 @@ def _segment_bounds(trunk_calls: int, segments: int) -> list[tuple[int, int]]:
   return [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
 
 
-@_decode_jit(static_argnames=("model", "settings", "mesh", "unroll", "segments"),
-             donate_argnames=("cache",))
-def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, *, settings, mesh,
-                  unroll, segments):
-  """Samples one token per image per key; the trunk runs once per key but the last.
+@_decode_jit(static_argnames=("model", "num_tokens", "settings", "mesh", "unroll", "segments"))
+def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, *, num_tokens,
+                  settings, mesh, unroll, segments):
+  """Samples num_tokens tokens per image from the prefill's state; the trunk runs num_tokens - 1
+  times, into the prompt's cache grown by as many slots.
 
-  The loop runs as `segments` scans in turn, each attending over only the cache slots that can
-  be written by its end (a prefix copied out once per segment and written back after it): with
-  4 segments of 576 tokens a step reads ~0.64 of the cache on average instead of all of it. Each
-  segment compiles its own loop body. On XLA:CPU (the bench preset, 576 tokens) it measured no
-  faster than one scan at B = 8 and slower at B = 1 (README), at twice the compile time, so one
-  segment is the default; it is there for long loops where attention bytes bound the step.
+  The loop runs as `segments` scans in turn, each over a cache grown only to the slots it can
+  write by its end, so its attention reads no unwritten slots: with 4 segments of 576 tokens a
+  step reads ~0.64 of the full cache on average. Each segment compiles its own loop body. On
+  XLA:CPU (the bench preset, 576 tokens) it measured no faster than one scan (README), at up
+  to three times the compile time, so one segment is the default; it is there for long loops
+  where attention bytes bound the step.
   """
-  del mesh  # only part of the compilation key (the inputs carry the shardings)
   rows, prompt_slots = hidden_RxD.shape[0], valid_RxT.shape[1]
-  slot_valid_RxS = _slot_valid(valid_RxT, cache.slots)
+  slot_valid_RxS = _slot_valid(valid_RxT, prompt_slots + num_tokens)
   trunk, image_logits = _decoder(model, params, unroll, "image")
   cache = cache.per_layer() if unroll else cache  # once, outside the loop (see _decoder)
-  # One key per image token: the cache holds exactly prompt bucket + N slots.
-  keys = jax.random.split(rng, cache.slots - prompt_slots)
+  keys = jax.random.split(rng, num_tokens)  # one per image token
 
   def sample(hidden_RxD, key):
     logits_RxV = image_logits(hidden_RxD)
@@ -310,18 +329,13 @@ def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, 
   positions_R = valid_RxT.sum(axis=1).astype(jnp.int32)
   trunk_calls, chunks_SxN = len(keys) - 1, []
   bounds = _segment_bounds(trunk_calls, segments)
-  for i, (start, stop) in enumerate(bounds):
-    visible = prompt_slots + stop  # trunk call j writes slot prompt_slots + j
-    part = cache if i == len(bounds) - 1 else cache.prefix(visible)  # the last reads all
-    (hidden_RxD, part, positions_R), ids_SxN = jax.lax.scan(
-        body(slot_valid_RxS[:, :part.slots]), (hidden_RxD, part, positions_R), keys[start:stop])
-    cache = part if i == len(bounds) - 1 else cache.with_prefix(part)
+  for start, stop in bounds:
+    cache = _grown_cache(cache, prompt_slots + stop, mesh)  # trunk call j writes slot T + j
+    (hidden_RxD, cache, positions_R), ids_SxN = jax.lax.scan(
+        body(slot_valid_RxS[:, :cache.slots]), (hidden_RxD, cache, positions_R), keys[start:stop])
     chunks_SxN.append(ids_SxN)
   last_N = sample(hidden_RxD, keys[-1])
-  ids_NxS = jnp.concatenate([c.T for c in chunks_SxN] + [last_N[:, None]], axis=1)
-  # The cache is returned only so that the donated input buffer aliases it: the loop then
-  # updates one buffer in place instead of holding two caches.
-  return ids_NxS, cache.stacked()
+  return jnp.concatenate([c.T for c in chunks_SxN] + [last_N[:, None]], axis=1)
 
 
 def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_valid_BxT, *,
@@ -351,13 +365,10 @@ def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_vali
   valid_BxT = np.repeat(_left_pad(valid_BxT, length, False), images_per_prompt, axis=0)
   rows_RxT, valid_RxT = cfg_rows(ids_BxT, valid_BxT, pad_id)
   params, rows_RxT, valid_RxT = _place(mesh, model, params, rows_RxT.astype(np.int32), valid_RxT)
-  hidden_RxD, cache = _image_prefill(model, params, rows_RxT, valid_RxT, num_slots=length + n,
-                                     mesh=mesh)
-  ids_NxT, _ = _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng,
-                             jnp.float32(cfg_weight), settings=settings, mesh=mesh,
-                             unroll=_default_unroll(unroll_layers),
-                             segments=segments)
-  return ids_NxT
+  hidden_RxD, cache = _image_prefill(model, params, rows_RxT, valid_RxT, mesh=mesh)
+  return _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, jnp.float32(cfg_weight),
+                       num_tokens=n, settings=settings, mesh=mesh,
+                       unroll=_default_unroll(unroll_layers), segments=segments)
 
 
 @functools.partial(jax.jit, static_argnames=("model",))
@@ -375,27 +386,27 @@ def decode_images(model: Janus, params: Any, ids_BxN) -> jax.Array:
 # --- text -----------------------------------------------------------------------------------
 
 
-@functools.partial(jax.jit, static_argnames=("model", "num_slots", "mesh"))
-def _text_prefill(model, params, ids_BxT, valid_BxT, image_mask_BxT, pixels, image_valid, *,
-                  num_slots, mesh):
+@functools.partial(jax.jit, static_argnames=("model", "mesh"))
+def _text_prefill(model, params, ids_BxT, valid_BxT, image_mask_BxT, pixels, image_valid, *, mesh):
+  """(first-token logits [B, V], a cache of the prompt's T slots)."""
   def run(m):
-    cache = _empty_cache(model, ids_BxT.shape[0], num_slots, mesh)
+    cache = _empty_cache(model, ids_BxT.shape[0], ids_BxT.shape[1], mesh)
     x_BxTxD = m.embed_inputs(ids_BxT, image_mask_BxT, pixels, image_valid)
     hidden_BxD, cache = _prefill(m, x_BxTxD, valid_BxT, cache)
     return m.text_logits(hidden_BxD), cache
   return model.apply({"params": params}, method=run)
 
 
-@_decode_jit(static_argnames=("model", "settings", "max_new_tokens", "mesh", "unroll"),
-             donate_argnames=("cache",))
+@_decode_jit(static_argnames=("model", "settings", "max_new_tokens", "mesh", "unroll"))
 def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, settings,
                  max_new_tokens, mesh, unroll):
-  """Greedy/sampled tokens [B, max_new_tokens] until every row has produced EOS."""
-  del mesh  # only part of the compilation key (the inputs carry the shardings)
+  """Greedy/sampled tokens [B, max_new_tokens] until every row has produced EOS; the prompt's
+  cache grows by max_new_tokens slots here (see _grown_cache)."""
   b = valid_BxT.shape[0]
-  slot_valid_BxS = _slot_valid(valid_BxT, cache.slots)
+  slots = valid_BxT.shape[1] + max_new_tokens
+  slot_valid_BxS = _slot_valid(valid_BxT, slots)
   trunk, text_logits = _decoder(model, params, unroll, "text")
-  cache = cache.per_layer() if unroll else cache
+  cache = _grown_cache(cache.per_layer() if unroll else cache, slots, mesh)
   keys = jax.random.split(rng, max_new_tokens)
   first_B = sample_logits(keys[0], logits_BxV, settings)
   tokens_BxN = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
@@ -417,10 +428,10 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
     return i + 1, cache, tokens_BxN, done_B | (next_B == eos_id), positions_B + 1
 
   carry = (jnp.int32(1), cache, tokens_BxN, first_B == eos_id, positions_B)
-  _, cache, tokens_BxN, _, _ = jax.lax.while_loop(cond, body, carry)
+  _, _, tokens_BxN, _, _ = jax.lax.while_loop(cond, body, carry)
   is_eos_BxN = tokens_BxN == eos_id
   lengths_B = jnp.where(is_eos_BxN.any(axis=1), is_eos_BxN.argmax(axis=1) + 1, max_new_tokens)
-  return tokens_BxN, lengths_B.astype(jnp.int32), cache.stacked()  # cache: see _image_decode
+  return tokens_BxN, lengths_B.astype(jnp.int32)
 
 
 def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, *, rng: jax.Array,
@@ -456,8 +467,8 @@ def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, 
   params, ids_BxT, valid_BxT, image_mask_BxT, pixels, image_valid = _place(
       mesh, model, params, ids_BxT, valid_BxT, image_mask_BxT, pixels, image_valid)
   logits_BxV, cache = _text_prefill(model, params, ids_BxT, valid_BxT, image_mask_BxT, pixels,
-                                    image_valid, num_slots=length + max_new_tokens, mesh=mesh)
-  tokens_BxN, lengths_B, _ = _text_decode(
+                                    image_valid, mesh=mesh)
+  tokens_BxN, lengths_B = _text_decode(
       model, params, logits_BxV, cache, valid_BxT, rng, jnp.int32(eos_id), settings=settings,
       max_new_tokens=max_new_tokens, mesh=mesh, unroll=_default_unroll(unroll_layers))
   return tokens_BxN, lengths_B

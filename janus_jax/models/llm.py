@@ -73,22 +73,6 @@ class KVCache:
       return self
     return KVCache(tuple(self.k), tuple(self.v), self.index)
 
-  def prefix(self, slots: int) -> "KVCache":
-    """The first `slots` slots, as new buffers: attention over them reads only those."""
-    cut = lambda x: x[..., :slots, :]
-    return KVCache(jax.tree.map(cut, self.k), jax.tree.map(cut, self.v), self.index)
-
-  def with_prefix(self, prefix: "KVCache") -> "KVCache":
-    """This cache with its first slots (and index) taken from `prefix` (from `self.prefix`)."""
-    put = lambda full, part: jax.lax.dynamic_update_slice(full, part, (0,) * full.ndim)
-    return KVCache(jax.tree.map(put, self.k, prefix.k), jax.tree.map(put, self.v, prefix.v),
-                   prefix.index)
-
-  def stacked(self) -> "KVCache":
-    if not isinstance(self.k, tuple):
-      return self
-    return KVCache(jnp.stack(self.k), jnp.stack(self.v), self.index)
-
 
 class RMSNorm(nn.Module):
   """Normalise in float32, cast back to the input dtype, then scale (the Llama order)."""
