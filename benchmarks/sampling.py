@@ -170,9 +170,10 @@ def prompts(batch: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = True,
-              unroll: bool = True, segments: int = 1) -> dict:
+              unroll: bool = True, segments: int | None = None) -> dict:
   """unroll: decode over per-layer weights (the CPU default) or the layer scan. segments: the
-  token loop cut into scans over growing KV-cache prefixes (sampling.generate_image_tokens)."""
+  token loop cut into scans over growing KV-cache prefixes (sampling.generate_image_tokens;
+  None: the library's default, sampling.default_segments)."""
   ids, valid = prompts(batch)
   settings = sampling.Sampler(temperature=TEMPERATURE)
   run = lambda seed: jax.block_until_ready(sampling.generate_image_tokens(
@@ -183,6 +184,7 @@ def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = Tr
   pad = [(0, 0), (length - PROMPT_LEN, 0)]
   rows, rows_valid = sampling.cfg_rows(np.pad(ids, pad), np.pad(valid, pad), PAD)
   rows, rows_valid = jnp.asarray(rows, jnp.int32), jnp.asarray(rows_valid)
+  segments = segments or sampling.default_segments(model, params, 2 * batch, length + steps)
   prefill = lambda p, r, v: sampling._image_prefill(model, p, r, v, mesh=None)
   with Timer() as compile_t:
     prefill_exe = jax.jit(prefill).lower(params, rows, rows_valid).compile()
@@ -194,7 +196,7 @@ def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = Tr
   total_s, foreign = best_of(lambda: run(1), repeats)
   prefill_s, _ = best_of(lambda: jax.block_until_ready(prefill_exe(params, rows, rows_valid)), 3)
   out = dict(total_s=total_s, prefill_ms=prefill_s * 1e3, compile_s=compile_t.s, vq_s=float("nan"),
-             foreign_cores=foreign)
+             foreign_cores=foreign, segments=segments)
   if not vq:
     return out
   # The VQ decode needs the full 24 x 24 grid: real tokens when all 576 were generated.
@@ -288,8 +290,9 @@ def main():
   p.add_argument("--repeats", type=int, default=1, help="timed runs per measurement (best kept)")
   p.add_argument("--skip", default="", help="comma list of: hf, eager, vq (both VQ decodes), "
                  "scan (jax with the layer scan instead of unrolled layers)")
-  p.add_argument("--segments", type=int, default=1, help="also time jax with the token loop cut "
-                 "into this many scans over growing KV-cache prefixes (the 'jax_segmented' row)")
+  p.add_argument("--segments", type=int, default=0, help="also time jax with the token loop cut "
+                 "into exactly this many scans over growing KV-cache prefixes (the 'jax_segmented' "
+                 "row; 1: one scan). The 'jax' row uses sampling.default_segments")
   p.add_argument("--out", default=None, help="write the results as JSON here (after every measurement)")
   args = p.parse_args()
   batches = [int(b) for b in args.batches.split(",")]
@@ -337,7 +340,7 @@ def main():
     if "scan" not in skip:
       measure("jax_scan", b, lambda: bench_jax(model, params, b, args.steps, args.repeats, False,
                                                unroll=False))
-    if args.segments > 1:
+    if args.segments > 0:
       measure("jax_segmented", b, lambda: bench_jax(model, params, b, args.steps, args.repeats,
                                                     False, segments=args.segments))
   time.sleep(1.0)  # let XLA's worker threads go idle before torch's OpenMP pool spins up
@@ -404,7 +407,8 @@ def print_table(results: dict, batches: list[int]) -> None:
         continue
       extra = (f"{r['prefill_ms']:.1f} | {r['compile_s']:.1f} | {r['vq_s'] / b:.3f}"
                if name.startswith("jax") else "- | - | -")
-      print(f"| {name} | {b} ({2 * b}) | {r['ms_per_step']:.2f} | {fl['floor_ms']:.2f} | "
+      label = f"{name} (scans {r['segments']})" if "segments" in r else name
+      print(f"| {label} | {b} ({2 * b}) | {r['ms_per_step']:.2f} | {fl['floor_ms']:.2f} | "
             f"{r['ms_per_step'] / fl['floor_ms']:.2f} | {r['tokens_per_s']:.1f} | "
             f"{r['images_per_s']:.4f} | {extra} | {r['foreign_cores']:.2f} |")
   print("\n| B | floor (bytes MB / GFLOP) | HF / jax | eager / jax | HF / jax_scan | jax / floor |")

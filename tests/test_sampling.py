@@ -99,6 +99,17 @@ def test_segmented_image_loop_matches_transformers(setup, unroll_layers):
   np.testing.assert_array_equal(run(sampling.Sampler(), 4, seed=5), run(sampling.Sampler(), 1, seed=5))
 
 
+def test_default_segments_follow_cache_against_weights(setup):
+  _, model, params = setup
+  c = model.config.llm
+  weights = [params["llm"]["decoder"], params["image_head"], params["generation_aligner"]]
+  weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(weights))
+  row_bytes = 2 * c.num_layers * c.num_kv_heads * c.head_dim * 4 * 32  # float32, 32 slots
+  fits = weight_bytes // row_bytes
+  assert sampling.default_segments(model, params, fits, 32) == 1
+  assert sampling.default_segments(model, params, fits + 1, 32) == 4
+
+
 def test_segment_bounds():
   assert sampling._segment_bounds(15, 4) == [(0, 4), (4, 8), (8, 11), (11, 15)]
   assert sampling._segment_bounds(2, 4) == [(0, 1), (1, 2)]
