@@ -1,8 +1,10 @@
 """Sampling for Janus: text-to-image tokens with classifier-free guidance, image decode, and text.
 
 Everything after the host builds the padded prompt runs in two jitted calls: a prefill over the
-prompt bucket that fills a preallocated KV cache, then one `lax.scan` (images: a fixed number of
-steps) or `lax.while_loop` (text: stops at EOS) that samples, embeds and runs the trunk per token.
+prompt bucket that fills a KV cache of the bucket's slots, then the token loop, which grows the
+cache to its full length and runs `lax.scan` (images: a fixed number of steps, one or a few scans,
+`default_segments`) or `lax.while_loop` (text: stops at EOS), sampling, embedding and running the
+trunk per token.
 
 Layouts. Image generation runs 2 rows per image, interleaved: row 2i is the conditional prompt and
 row 2i + 1 the unconditional one (every real token except BOS and `<begin_of_image>` replaced by
