@@ -147,14 +147,16 @@ def _place(mesh: Mesh | None, model: Janus, params: Any, *batch: Any) -> tuple[A
 
 
 def _constrain_cache(cache: llm.KVCache, mesh: Mesh | None) -> llm.KVCache:
-  """With a mesh, the cache's rows follow the batch sharding (stacked or per-layer buffers)."""
+  """With a mesh, the cache's rows follow the batch sharding (stacked [L, B, K, S, H] or
+  per-head [B, S, H] buffers)."""
   if mesh is None:
     return cache
   # Only the batch axis is pinned; the rest (heads over `tensor`) follows the k/v projections.
   free = PartitionSpec.UNCONSTRAINED
 
   def constrain(x):
-    spec = PartitionSpec(*(None,) * (x.ndim - 4), sharding.BATCH_AXES, free, free, free)
+    lead = 1 if x.ndim == 5 else 0  # the layer axis of a stacked cache
+    spec = PartitionSpec(*(None,) * lead, sharding.BATCH_AXES, *(free,) * (x.ndim - lead - 1))
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
   return llm.KVCache(jax.tree.map(constrain, cache.k), jax.tree.map(constrain, cache.v),
                      cache.index)
@@ -214,7 +216,7 @@ def _decode_jit(**jit_kwargs):
       return jax.jit(fn, **jit_kwargs, compiler_options=options)
 
     def pick(args):
-      return jitted(jax.default_backend() == "cpu" and args[2].shape[0] >= 4)
+      return jitted(jax.default_backend() == "cpu" and args[2].shape[0] >= decode.EIGEN_ROWS)
 
     @functools.wraps(fn)
     def call(*args, **kwargs):
@@ -231,12 +233,12 @@ def _default_unroll(unroll_layers: bool | None) -> bool:
   return jax.default_backend() == "cpu" if unroll_layers is None else bool(unroll_layers)
 
 
-def _decoder(model: Janus, params: Any, unroll: bool, head: str):
+def _decoder(model: Janus, params: Any, unroll: bool, head: str, rows: int):
   """(trunk, logits) for the token loop: trunk `(x [B, 1, D], slot_valid [B, S], positions [B],
   cache) -> (hidden [B, D], cache)`, logits `hidden -> [B, V]` float32 of the "image" or "text"
-  head. `unroll`: models/decode.py's steps over per-layer column blocks instead of the layer
-  scan; call this outside the loop (the blocks are split here, once) and carry the cache per
-  layer (`KVCache.per_layer`, split before the loop, also once).
+  head. `unroll`: models/decode.py's steps over per-layer column blocks (`decode.block_columns`
+  of `rows`) instead of the layer scan; call this outside the loop (the blocks are split here, once) and carry the cache per
+  layer and KV head (`KVCache.per_head`, split before the loop, also once).
   """
   logits_method = Janus.image_logits if head == "image" else Janus.text_logits
   if not unroll:
@@ -244,12 +246,13 @@ def _decoder(model: Janus, params: Any, unroll: bool, head: str):
             lambda hidden_BxD: _apply(model, params, logits_method, hidden_BxD))
   c = model.config
   dtype = janus_lib._dtype(c.dtype)
-  trunk = decode.prepare_trunk(params["llm"]["decoder"], dtype)
+  width = decode.block_columns(rows)
+  trunk = decode.prepare_trunk(params["llm"]["decoder"], dtype, width)
   if head == "image":
-    image_head = decode.prepare_image_head(params["image_head"], dtype)
+    image_head = decode.prepare_image_head(params["image_head"], dtype, width)
     logits = lambda hidden_BxD: decode.image_logits(image_head, hidden_BxD)
   else:
-    text_head = decode.prepare_text_head(params["llm"]["lm_head"], dtype)
+    text_head = decode.prepare_text_head(params["llm"]["lm_head"], dtype, width)
     logits = lambda hidden_BxD: decode.text_logits(text_head, hidden_BxD)
 
   def step(x_Bx1xD, slot_valid_BxS, positions_B, cache):
@@ -326,8 +329,8 @@ def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, 
   """
   rows, prompt_slots = hidden_RxD.shape[0], valid_RxT.shape[1]
   slot_valid_RxS = _slot_valid(valid_RxT, prompt_slots + num_tokens)
-  trunk, image_logits = _decoder(model, params, unroll, "image")
-  cache = cache.per_layer() if unroll else cache  # once, outside the loop (see _decoder)
+  trunk, image_logits = _decoder(model, params, unroll, "image", rows)
+  cache = cache.per_head() if unroll else cache  # once, outside the loop (see _decoder)
   keys = jax.random.split(rng, num_tokens)  # one per image token
 
   def sample(hidden_RxD, key):
@@ -425,8 +428,8 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
   b = valid_BxT.shape[0]
   slots = valid_BxT.shape[1] + max_new_tokens
   slot_valid_BxS = _slot_valid(valid_BxT, slots)
-  trunk, text_logits = _decoder(model, params, unroll, "text")
-  cache = _grown_cache(cache.per_layer() if unroll else cache, slots, mesh)
+  trunk, text_logits = _decoder(model, params, unroll, "text", b)
+  cache = _grown_cache(cache.per_head() if unroll else cache, slots, mesh)
   keys = jax.random.split(rng, max_new_tokens)
   first_B = sample_logits(keys[0], logits_BxV, settings)
   tokens_BxN = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)

@@ -57,11 +57,12 @@ def _hf_image_tokens(hf, ids, valid, **kw):
 
 @contextlib.contextmanager
 def _narrow_blocks():
-  """models/decode.py's column blocks 7 wide, so the unrolled (CPU) sampler splits every kernel
-  of the oracle's shapes into several uneven blocks; jit caches cleared around it, as the width
-  is not part of any compilation key."""
+  """models/decode.py's column blocks 7 wide (at any row count), so the unrolled (CPU) sampler
+  splits every kernel of the oracle's shapes into several uneven blocks; jit caches cleared
+  around it, as the width is not part of any compilation key."""
   jax.clear_caches()
-  with mock.patch.object(decode, "BLOCK_COLUMNS", 7):
+  with (mock.patch.object(decode, "BLOCK_COLUMNS", 7),
+        mock.patch.object(decode, "EIGEN_BLOCK_COLUMNS", 7)):
     yield
   jax.clear_caches()
 
@@ -178,7 +179,7 @@ def test_cached_decode_equals_full_forward(setup, path):
   want = np.asarray(apply(full)())
   logits, cache = apply(prefill)()
   if path == "blocked":
-    cache = cache.per_layer()
+    cache = cache.per_head()
   steps, step_fn = [logits], apply(step if path == "layer_scan" else blocked_step)
   for i in range(n - 1):
     logits, cache = step_fn(fed[:, i:i + 1], row_valid.sum(1) + i, cache)

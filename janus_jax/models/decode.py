@@ -8,7 +8,7 @@ executor runs the independent dots on both cores, and narrow panels tile better 
 9.5 -> 15.5 GB/s). The blocks must be separate buffers: slicing a kernel inside the token loop,
 or concatenating blocks back, copies it every step. So the `prepare_*` functions split the
 trunk, the image head and the text head once per generate call, outside the loop, and the steps
-read every block in place. KV caches are per layer (`llm.KVCache.per_layer`) for the same reason.
+read every block in place. KV caches are per layer and KV head (`llm.KVCache.per_head`, `attend_per_head`).
 Off XLA:CPU each kernel stays one block (unmeasured on a GPU so far: benchmarks/sampling.py
 --preset pro1b --dtype bfloat16 times this path against the layer scan).
 
@@ -28,16 +28,29 @@ import numpy as np
 
 from janus_jax.models import llm
 
-# Columns per block: 2 blocks for a 1024-wide kernel, 22 for the 16384-wide image head. 384 and
-# 1536 measured no better (benchmarks/sampling.py config, B = 1 and 8).
+# Columns per block on XLA:CPU, by the library that runs a step's dots (sampling._decode_jit:
+# Eigen from EIGEN_ROWS rows, YNNPACK below). YNNPACK, 1-3 rows: 768 (2 blocks for a 1024-wide
+# kernel, 22 for the 16384-wide image head; 384 and 1536 measured no better, bench preset, 2 rows;
+# 256 read 36.5 / 37.5 ms a step against 33.2 / 33.5, 2-core Xeon). Eigen: 256 (16 rows, same
+# Xeon, one process: 64.8 / 65.4 ms a step against 79.4 / 80.8 with 768; a weights-only chain of
+# 16 rows 32-34 ms against 41-43, where 128-352 read ~35 and >= 1024 worse).
 BLOCK_COLUMNS = 768
+EIGEN_BLOCK_COLUMNS = 256
+EIGEN_ROWS = 4
+
+
+def block_columns(rows: int) -> int | None:
+  """The column-block width for steps of `rows` rows; None (whole kernels) off XLA:CPU."""
+  if jax.default_backend() != "cpu":
+    return None
+  return EIGEN_BLOCK_COLUMNS if rows >= EIGEN_ROWS else BLOCK_COLUMNS
 
 
 def split_columns(kernel: jax.Array, in_axes: int, dtype, width: int | None = None
                   ) -> tuple[jax.Array, ...]:
   """kernel [*in (in_axes of them), *out] -> near-equal column blocks [prod(in), <= width] in
-  `dtype` (width: BLOCK_COLUMNS on XLA:CPU; elsewhere one block, as a GPU gemm wants the whole
-  kernel in one call)."""
+  `dtype` (width default: BLOCK_COLUMNS on XLA:CPU; elsewhere one block, as a GPU gemm wants the
+  whole kernel in one call)."""
   k_IxO = kernel.reshape(math.prod(kernel.shape[:in_axes]), -1).astype(dtype)
   width = width or (BLOCK_COLUMNS if jax.default_backend() == "cpu" else k_IxO.shape[1])
   count = -(-k_IxO.shape[1] // width)
@@ -89,31 +102,57 @@ def trunk_step(config: Any, trunk: dict, x_BxD: jax.Array, positions_B: jax.Arra
                mask_BxS: jax.Array, cache: llm.KVCache) -> tuple[jax.Array, llm.KVCache]:
   """llm.DecoderStack for one new token per row (final norm included): (hidden [B, D], cache).
 
-  cache: per layer ([B, K, S, H] buffers), written at cache.index; mask_BxS: the slots each row
-  may attend to (llm.cache_mask for one token).
+  cache: per layer and KV head (`llm.KVCache.per_head`), written at cache.index; mask_BxS: the
+  slots each row may attend to (llm.cache_mask for one token).
   """
   b, eps = x_BxD.shape[0], config.rms_norm_eps
   dtype = trunk["layers"][0]["q"][0].dtype
-  positions_Bx1, mask_Bx1xS = positions_B[:, None], mask_BxS[:, None, :]
-  rope = lambda x_BxNxH: llm.rotary_embedding(x_BxNxH[:, None], positions_Bx1, config.rope_theta)
+  positions_Bx1 = positions_B[:, None]
+  rope = lambda x_BxNxH: llm.rotary_embedding(x_BxNxH[:, None], positions_Bx1, config.rope_theta)[:, 0]
   ks, vs = list(cache.k), list(cache.v)
   x_BxD = x_BxD.astype(dtype)
   for i, w in enumerate(trunk["layers"]):
     h_BxD = llm.rms_norm(x_BxD, w["input_norm"], eps)
     heads = lambda name, n: matmul(h_BxD, w[name]).reshape(b, n, config.head_dim)
-    q_Bx1xNxH = rope(heads("q", config.num_heads))
-    k_BxKx1xH = rope(heads("k", config.num_kv_heads)).transpose(0, 2, 1, 3)
-    v_BxKx1xH = heads("v", config.num_kv_heads)[:, :, None]
-    start = (0, 0, cache.index, 0)
-    ks[i] = jax.lax.dynamic_update_slice(ks[i], k_BxKx1xH.astype(ks[i].dtype), start)
-    vs[i] = jax.lax.dynamic_update_slice(vs[i], v_BxKx1xH.astype(vs[i].dtype), start)
-    out_Bx1xNxH = llm.attend(q_Bx1xNxH, ks[i], vs[i], mask_Bx1xS, dtype)
-    x_BxD = x_BxD + matmul(out_Bx1xNxH.reshape(b, -1), w["o"])
+    q_BxNxH = rope(heads("q", config.num_heads))
+    ks[i] = _write(ks[i], rope(heads("k", config.num_kv_heads)), cache.index)
+    vs[i] = _write(vs[i], heads("v", config.num_kv_heads), cache.index)
+    out_BxNxH = attend_per_head(q_BxNxH, ks[i], vs[i], mask_BxS, dtype)
+    x_BxD = x_BxD + matmul(out_BxNxH.reshape(b, -1), w["o"])
     h_BxD = llm.rms_norm(x_BxD, w["post_norm"], eps)
     gated_BxM = jax.nn.silu(matmul(h_BxD, w["gate"])) * matmul(h_BxD, w["up"])
     x_BxD = x_BxD + matmul(gated_BxM, w["down"])
   x_BxD = llm.rms_norm(x_BxD, trunk["norm"], eps)
   return x_BxD, llm.KVCache(tuple(ks), tuple(vs), cache.index + 1)
+
+
+def _write(heads: tuple[jax.Array, ...], new_BxKxH: jax.Array, index: jax.Array
+           ) -> tuple[jax.Array, ...]:
+  """Each KV head's new slot written into its own [B, S, H] buffer at `index`."""
+  return tuple(jax.lax.dynamic_update_slice(buf, new_BxKxH[:, j, None].astype(buf.dtype),
+                                            (0, index, 0))
+               for j, buf in enumerate(heads))
+
+
+def attend_per_head(q_BxNxH: jax.Array, ks: tuple[jax.Array, ...], vs: tuple[jax.Array, ...],
+                    mask_BxS: jax.Array, dtype) -> jax.Array:
+  """llm.attend for one query token over per-KV-head buffers ([B, S, H] each): [B, N, H].
+
+  One dot per KV head and product, so a layer's attention is 2 x kv_heads independent dots,
+  which XLA:CPU's thunk executor spreads over its threads (it runs up to 8 ready thunks in one
+  thread); a dot batched over (rows, heads) runs on one thread below ~540 slots.
+  """
+  b, n, h = q_BxNxH.shape
+  g = n // len(ks)
+  q_BxKxGxH = q_BxNxH.reshape(b, len(ks), g, h)
+  logits_BxKxGxS = jnp.stack(
+      [jnp.einsum("bgh,bsh->bgs", q_BxKxGxH[:, j], k.astype(dtype),
+                  preferred_element_type=jnp.float32) for j, k in enumerate(ks)], axis=1) * h**-0.5
+  logits_BxKxGxS = jnp.where(mask_BxS[:, None, None, :], logits_BxKxGxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxS = jax.nn.softmax(logits_BxKxGxS, axis=-1).astype(dtype)
+  out_BxKxGxH = jnp.stack([jnp.einsum("bgs,bsh->bgh", probs_BxKxGxS[:, j], v.astype(dtype))
+                           for j, v in enumerate(vs)], axis=1)
+  return out_BxKxGxH.reshape(b, n, h)
 
 
 def image_logits(head: dict, hidden_BxD: jax.Array) -> jax.Array:

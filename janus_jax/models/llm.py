@@ -47,8 +47,8 @@ def param_with_axes(init, axes: tuple[str | None, ...]):
 class KVCache:
   """Preallocated keys and values for every layer, written at `index`.
 
-  k, v: [layers, batch, kv_heads, slots, head_dim], or (`per_layer`) tuples of one
-  [batch, kv_heads, slots, head_dim] buffer per layer. index: int32 scalar, the first free slot;
+  k, v: [layers, batch, kv_heads, slots, head_dim], or (`per_head`) nested tuples of one
+  [batch, slots, head_dim] buffer per layer and KV head. index: int32 scalar, the first free slot;
   all rows share it (prompts are left-padded, so slot order is time order in every row).
   """
 
@@ -64,14 +64,17 @@ class KVCache:
 
   @property
   def slots(self) -> int:
-    return self.k[0].shape[2] if isinstance(self.k, tuple) else self.k.shape[3]
+    return jax.tree.leaves(self.k)[0].shape[-2]
 
-  def per_layer(self) -> "KVCache":
-    """One buffer per layer (models/decode.py's steps): each layer's attention then reads its
-    cache in place, where slicing a layer out of the stack copies it for the attention dots."""
+  def per_head(self) -> "KVCache":
+    """One [batch, slots, head_dim] buffer per layer and KV head (models/decode.py's steps):
+    k[layer][kv_head]. Each head's attention then reads its buffer in place, where slicing a
+    layer out of the stack copies it for the attention dots."""
     if isinstance(self.k, tuple):
       return self
-    return KVCache(tuple(self.k), tuple(self.v), self.index)
+    split = lambda x: tuple(tuple(x[i, :, j] for j in range(x.shape[2]))
+                            for i in range(x.shape[0]))
+    return KVCache(split(self.k), split(self.v), self.index)
 
 
 class RMSNorm(nn.Module):
