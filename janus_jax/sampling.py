@@ -300,6 +300,7 @@ def default_segments(model: Janus, params: Any, rows: int, slots: int) -> int:
   Bench preset, 576 tokens, 2-core Zen 5, 4 segments against 1: at 16 rows (cache 640 MB,
   weights 487 MB) 39.5 / 42.8 / 37.5 ms a step against 47.9 / 53.3 / 40.4 (two benchmark runs,
   one A/B in one process); at 2 rows (80 MB) 21.0 / 22.0 / 21.3 against 17.9 / 22.7 / 20.7.
+  With per-head attention on a 2-core Xeon (one process): 16 rows 62.5 / 64.2 against 64.8 / 65.4.
   """
   c = model.config.llm
   weights = [params["llm"]["decoder"], params["image_head"], params["generation_aligner"]]
@@ -322,10 +323,10 @@ def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, 
 
   The loop runs as `segments` scans in turn, each over a cache grown only to the slots it can
   write by its end, so its attention reads no unwritten slots: with 4 segments of 576 tokens a
-  step reads ~0.64 of the full cache on average. Each segment compiles its own loop body. On
-  XLA:CPU (the bench preset, 576 tokens) it measured no faster than one scan (README), at up
-  to three times the compile time at few rows; `default_segments` picks 4 where the cache
-  outweighs the weights.
+  step reads ~0.64 of the full cache on average. Each segment compiles its own loop body (at 16
+  rows of the bench preset, per-head attention: 22 s against 9 s of compile, for 62.5 / 64.2 ms a
+  step against 64.8 / 65.4, 2-core Xeon; README); `default_segments` picks 4 where
+  the cache outweighs the weights.
   """
   rows, prompt_slots = hidden_RxD.shape[0], valid_RxT.shape[1]
   slot_valid_RxS = _slot_valid(valid_RxT, prompt_slots + num_tokens)

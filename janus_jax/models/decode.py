@@ -2,13 +2,18 @@
 
 A decode step multiplies 2-16 rows by every weight matrix once, so reading the weights bounds it.
 XLA:CPU streams a wide [K, N] float32 kernel through one dot of so few rows at about 16 GB/s,
-but at about 24 GB/s when the same columns are separate arrays of <= 768 columns: its thunk
-executor runs the independent dots on both cores, and narrow panels tile better even on one
+but at about 24 GB/s when the same columns are separate arrays of a few hundred columns
+(`block_columns`): its thunk executor runs independent dots on both cores (it hands work to a
+second thread only when more than 8 are ready at once), and narrow panels tile better even on one
 (2-core Sapphire Rapids, 40 distinct 1024 x 2816 kernels, rows 2: 16 -> 24 GB/s; rows 16:
 9.5 -> 15.5 GB/s). The blocks must be separate buffers: slicing a kernel inside the token loop,
 or concatenating blocks back, copies it every step. So the `prepare_*` functions split the
 trunk, the image head and the text head once per generate call, outside the loop, and the steps
-read every block in place. KV caches are per layer and KV head (`llm.KVCache.per_head`, `attend_per_head`).
+read every block in place. KV caches are one [B, S, H] buffer per layer and KV head
+(`llm.KVCache.per_head`) for the same reason, and `attend_per_head` gives each head its own dots:
+XLA:CPU runs a dot batched over (rows, heads) on one thread below ~540 slots (16 rows: 45 ms of
+attention a step at 512 slots, 28 at 607). A [B, 1, S, H] buffer would not do: XLA fuses its
+write twice (once for the squeezed read) and copies every buffer every step.
 Off XLA:CPU each kernel stays one block (unmeasured on a GPU so far: benchmarks/sampling.py
 --preset pro1b --dtype bfloat16 times this path against the layer scan).
 
