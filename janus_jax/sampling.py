@@ -237,8 +237,8 @@ def _decoder(model: Janus, params: Any, unroll: bool, head: str, rows: int):
   """(trunk, logits) for the token loop: trunk `(x [B, 1, D], slot_valid [B, S], positions [B],
   cache) -> (hidden [B, D], cache)`, logits `hidden -> [B, V]` float32 of the "image" or "text"
   head. `unroll`: models/decode.py's steps over per-layer column blocks (`decode.block_columns`
-  of `rows`) instead of the layer scan; call this outside the loop (the blocks are split here, once) and carry the cache per
-  layer and KV head (`KVCache.per_head`, split before the loop, also once).
+  of `rows`) instead of the layer scan; call this outside the loop (the blocks are split here,
+  once) and carry the cache as `decode.split_cache` lays it out (split before the loop, also once).
   """
   logits_method = Janus.image_logits if head == "image" else Janus.text_logits
   if not unroll:
@@ -331,7 +331,7 @@ def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, 
   rows, prompt_slots = hidden_RxD.shape[0], valid_RxT.shape[1]
   slot_valid_RxS = _slot_valid(valid_RxT, prompt_slots + num_tokens)
   trunk, image_logits = _decoder(model, params, unroll, "image", rows)
-  cache = cache.per_head() if unroll else cache  # once, outside the loop (see _decoder)
+  cache = decode.split_cache(cache, rows) if unroll else cache  # once, outside the loop
   keys = jax.random.split(rng, num_tokens)  # one per image token
 
   def sample(hidden_RxD, key):
@@ -430,7 +430,7 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
   slots = valid_BxT.shape[1] + max_new_tokens
   slot_valid_BxS = _slot_valid(valid_BxT, slots)
   trunk, text_logits = _decoder(model, params, unroll, "text", b)
-  cache = _grown_cache(cache.per_head() if unroll else cache, slots, mesh)
+  cache = _grown_cache(decode.split_cache(cache, b) if unroll else cache, slots, mesh)
   keys = jax.random.split(rng, max_new_tokens)
   first_B = sample_logits(keys[0], logits_BxV, settings)
   tokens_BxN = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)

@@ -134,12 +134,13 @@ def test_unrolled_whole_kernels_off_cpu_match_transformers(setup):
   np.testing.assert_array_equal(ours, _hf_image_tokens(hf, ids, valid, do_sample=False))
 
 
-@pytest.mark.parametrize("path", ["layer_scan", "blocked"])
+@pytest.mark.parametrize("path", ["layer_scan", "blocked_per_head", "blocked_per_layer"])
 def test_cached_decode_equals_full_forward(setup, path):
   """Teacher-forced cached steps give the logits of one uncached forward; CFG argmax = tokens.
 
-  blocked: models/decode.py's step over column blocks (7 columns wide: uneven multi-block
-  splits of every kernel of the oracle's shapes) and a per-layer cache.
+  blocked_*: models/decode.py's step over column blocks (7 columns wide: uneven multi-block
+  splits of every kernel of the oracle's shapes) with the cache per layer and KV head or per
+  layer (decode.split_cache's two layouts).
   """
   _, model, params = setup
   ids, valid = _t2i_prompts()
@@ -178,8 +179,9 @@ def test_cached_decode_equals_full_forward(setup, path):
   apply = lambda fn: jax.jit(functools.partial(model.apply, {"params": params}, method=fn))
   want = np.asarray(apply(full)())
   logits, cache = apply(prefill)()
-  if path == "blocked":
-    cache = cache.per_head()
+  if path != "layer_scan":
+    cache = cache.per_head() if path == "blocked_per_head" else cache.per_layer()
+    assert isinstance(cache.k[0], tuple) == (path == "blocked_per_head")
   steps, step_fn = [logits], apply(step if path == "layer_scan" else blocked_step)
   for i in range(n - 1):
     logits, cache = step_fn(fed[:, i:i + 1], row_valid.sum(1) + i, cache)

@@ -9,11 +9,12 @@ second thread only when more than 8 are ready at once), and narrow panels tile b
 9.5 -> 15.5 GB/s). The blocks must be separate buffers: slicing a kernel inside the token loop,
 or concatenating blocks back, copies it every step. So the `prepare_*` functions split the
 trunk, the image head and the text head once per generate call, outside the loop, and the steps
-read every block in place. KV caches are one [B, S, H] buffer per layer and KV head
-(`llm.KVCache.per_head`) for the same reason, and `attend_per_head` gives each head its own dots:
-XLA:CPU runs a dot batched over (rows, heads) on one thread below ~540 slots (16 rows: 45 ms of
-attention a step at 512 slots, 28 at 607). A [B, 1, S, H] buffer would not do: XLA fuses its
-write twice (once for the squeezed read) and copies every buffer every step.
+read every block in place. KV caches are one buffer per layer for the same reason, and from
+EIGEN_ROWS rows one [B, S, H] buffer per layer and KV head (`split_cache`), with `attend_per_head`
+giving each head its own dots: Eigen runs a dot batched over (rows, heads) on one thread below
+~540 slots (16 rows: 45 ms of attention a step at 512 slots, 28 at 607). A [B, 1, S, H] buffer
+would not do: XLA fuses its write twice (once for the squeezed read) and copies every buffer
+every step.
 Off XLA:CPU each kernel stays one block (unmeasured on a GPU so far: benchmarks/sampling.py
 --preset pro1b --dtype bfloat16 times this path against the layer scan).
 
@@ -42,6 +43,15 @@ from janus_jax.models import llm
 BLOCK_COLUMNS = 768
 EIGEN_BLOCK_COLUMNS = 256
 EIGEN_ROWS = 4
+
+
+def split_cache(cache: llm.KVCache, rows: int) -> llm.KVCache:
+  """The cache as `trunk_step` carries it for steps of `rows` rows: per layer and KV head from
+  EIGEN_ROWS rows (where Eigen's batched attention dots would run on one thread), per layer
+  below, where YNNPACK's batched dots are no slower: bench preset, 2 rows, 576 tokens, 2-core
+  Xeon, one process: 32.6 / 33.0 ms a step against 33.8 / 33.8, and 2.8 s of compile against
+  7.3-7.7 (the loop carries 32 buffers, not 256). Call it once, outside the loop."""
+  return cache.per_head() if rows >= EIGEN_ROWS else cache.per_layer()
 
 
 def block_columns(rows: int) -> int | None:
@@ -107,8 +117,8 @@ def trunk_step(config: Any, trunk: dict, x_BxD: jax.Array, positions_B: jax.Arra
                mask_BxS: jax.Array, cache: llm.KVCache) -> tuple[jax.Array, llm.KVCache]:
   """llm.DecoderStack for one new token per row (final norm included): (hidden [B, D], cache).
 
-  cache: per layer and KV head (`llm.KVCache.per_head`), written at cache.index; mask_BxS: the
-  slots each row may attend to (llm.cache_mask for one token).
+  cache: per layer and KV head or per layer (`split_cache`), written at cache.index; mask_BxS:
+  the slots each row may attend to (llm.cache_mask for one token).
   """
   b, eps = x_BxD.shape[0], config.rms_norm_eps
   dtype = trunk["layers"][0]["q"][0].dtype
@@ -122,7 +132,10 @@ def trunk_step(config: Any, trunk: dict, x_BxD: jax.Array, positions_B: jax.Arra
     q_BxNxH = rope(heads("q", config.num_heads))
     ks[i] = _write(ks[i], rope(heads("k", config.num_kv_heads)), cache.index)
     vs[i] = _write(vs[i], heads("v", config.num_kv_heads), cache.index)
-    out_BxNxH = attend_per_head(q_BxNxH, ks[i], vs[i], mask_BxS, dtype)
+    if isinstance(ks[i], tuple):
+      out_BxNxH = attend_per_head(q_BxNxH, ks[i], vs[i], mask_BxS, dtype)
+    else:
+      out_BxNxH = llm.attend(q_BxNxH[:, None], ks[i], vs[i], mask_BxS[:, None], dtype)[:, 0]
     x_BxD = x_BxD + matmul(out_BxNxH.reshape(b, -1), w["o"])
     h_BxD = llm.rms_norm(x_BxD, w["post_norm"], eps)
     gated_BxM = jax.nn.silu(matmul(h_BxD, w["gate"])) * matmul(h_BxD, w["up"])
@@ -131,9 +144,14 @@ def trunk_step(config: Any, trunk: dict, x_BxD: jax.Array, positions_B: jax.Arra
   return x_BxD, llm.KVCache(tuple(ks), tuple(vs), cache.index + 1)
 
 
-def _write(heads: tuple[jax.Array, ...], new_BxKxH: jax.Array, index: jax.Array
-           ) -> tuple[jax.Array, ...]:
-  """Each KV head's new slot written into its own [B, S, H] buffer at `index`."""
+def _write(buffers: jax.Array | tuple[jax.Array, ...], new_BxKxH: jax.Array, index: jax.Array
+           ) -> jax.Array | tuple[jax.Array, ...]:
+  """The new slot written at `index` into a layer's [B, K, S, H] buffer, or into each KV head's
+  own [B, S, H] buffer."""
+  if not isinstance(buffers, tuple):
+    return jax.lax.dynamic_update_slice(buffers, new_BxKxH[:, :, None].astype(buffers.dtype),
+                                        (0, 0, index, 0))
+  heads = buffers
   return tuple(jax.lax.dynamic_update_slice(buf, new_BxKxH[:, j, None].astype(buf.dtype),
                                             (0, index, 0))
                for j, buf in enumerate(heads))

@@ -47,9 +47,10 @@ def param_with_axes(init, axes: tuple[str | None, ...]):
 class KVCache:
   """Preallocated keys and values for every layer, written at `index`.
 
-  k, v: [layers, batch, kv_heads, slots, head_dim], or (`per_head`) nested tuples of one
-  [batch, slots, head_dim] buffer per layer and KV head. index: int32 scalar, the first free slot;
-  all rows share it (prompts are left-padded, so slot order is time order in every row).
+  k, v: [layers, batch, kv_heads, slots, head_dim]; or tuples of one [batch, kv_heads, slots,
+  head_dim] buffer per layer (`per_layer`); or nested tuples of one [batch, slots, head_dim]
+  buffer per layer and KV head (`per_head`). index: int32 scalar, the first free slot; all rows
+  share it (prompts are left-padded, so slot order is time order in every row).
   """
 
   k: jax.Array
@@ -65,6 +66,14 @@ class KVCache:
   @property
   def slots(self) -> int:
     return jax.tree.leaves(self.k)[0].shape[-2]
+
+  def per_layer(self) -> "KVCache":
+    """One [batch, kv_heads, slots, head_dim] buffer per layer (models/decode.py's steps): each
+    layer's attention reads its buffer in place, where slicing a layer out of the stack copies
+    it for the attention dots."""
+    if isinstance(self.k, tuple):
+      return self
+    return KVCache(tuple(self.k), tuple(self.v), self.index)
 
   def per_head(self) -> "KVCache":
     """One [batch, slots, head_dim] buffer per layer and KV head (models/decode.py's steps):
