@@ -395,16 +395,45 @@ def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_vali
                            model, params, rows_RxT.shape[0] // _data_parallel(mesh), length + n))
 
 
-@functools.partial(jax.jit, static_argnames=("model",))
-def _decode_images(model, params, ids_BxN):
-  pixels = _apply(model, params, Janus.vq_decode, ids_BxN)
-  # The reference assigns into a uint8 array, which truncates toward zero (no rounding).
-  return jnp.clip((pixels + 1) / 2 * 255, 0, 255).astype(jnp.uint8)
+# Output pixels per VQ-decode call on XLA:CPU: 2 images of 384 x 384. The decoder's activations
+# (128 channels at full resolution, 75 MB an image in float32) then stay nearer the caches: 8
+# images decode in 2.67 s an image this way, against 3.25 in one call and 2.82 one at a time
+# (bench preset, 2-core Xeon; a slower hour, A/B in one process: 3.01 / 3.20 against 3.84 / 4.02).
+VQ_PIXELS_PER_CALL = 2 * 384 * 384
+
+
+def images_per_call(model: Janus, num_images: int, num_tokens: int) -> int:
+  """Images `decode_images` decodes per call: VQ_PIXELS_PER_CALL worth on XLA:CPU, else all."""
+  if jax.default_backend() != "cpu":
+    return num_images
+  pixels = num_tokens * 4 ** (len(model.config.vq.channel_multipliers) - 1)
+  return max(1, min(num_images, VQ_PIXELS_PER_CALL // pixels))
+
+
+@functools.partial(jax.jit, static_argnames=("model", "per_call"))
+def _decode_images(model, params, ids_BxN, *, per_call):
+  def decode(ids_CxN):
+    pixels = _apply(model, params, Janus.vq_decode, ids_CxN)
+    # The reference assigns into a uint8 array, which truncates toward zero (no rounding).
+    return jnp.clip((pixels + 1) / 2 * 255, 0, 255).astype(jnp.uint8)
+
+  b, n = ids_BxN.shape
+  if per_call >= b:
+    return decode(ids_BxN)
+  whole = b - b % per_call  # chunks of per_call images in one lax.map, then the rest
+  chunks = jax.lax.map(decode, ids_BxN[:whole].reshape(whole // per_call, per_call, n))
+  parts = [chunks.reshape(whole, *chunks.shape[2:])]
+  if whole < b:
+    parts.append(decode(ids_BxN[whole:]))
+  return jnp.concatenate(parts)
 
 
 def decode_images(model: Janus, params: Any, ids_BxN) -> jax.Array:
-  """Image-token ids [B, N] -> uint8 pixels [B, H, W, 3] (VQ decode, reference post-processing)."""
-  return _decode_images(model, params, jnp.asarray(ids_BxN, jnp.int32))
+  """Image-token ids [B, N] -> uint8 pixels [B, H, W, 3] (VQ decode, reference post-processing),
+  `images_per_call` images at a time."""
+  ids_BxN = jnp.asarray(ids_BxN, jnp.int32)
+  return _decode_images(model, params, ids_BxN,
+                        per_call=images_per_call(model, *ids_BxN.shape))
 
 
 # --- text -----------------------------------------------------------------------------------

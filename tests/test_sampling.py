@@ -266,16 +266,27 @@ def test_seeded_image_sampling_is_reproducible(setup):
   assert (a[0] != a[1]).any()  # two images of one prompt differ
 
 
-def test_decode_images_reference_postprocessing(setup):
+@pytest.mark.parametrize("per_call", [None, 2], ids=["one_call", "chunked"])
+def test_decode_images_reference_postprocessing(setup, per_call):
+  """chunked: 3 images decoded 2 per call (a lax.map over whole chunks, then the rest)."""
   hf, model, params = setup
   tokens = _greedy_image_tokens()
-  ours = np.asarray(sampling.decode_images(model, params, tokens))
+  if per_call:
+    tokens = np.concatenate([tokens, tokens[::-1] ^ 1])[:3]
+    pixels = tokens.shape[1] * 4 ** (len(model.config.vq.channel_multipliers) - 1)
+    jax.clear_caches()
+    with mock.patch.object(sampling, "VQ_PIXELS_PER_CALL", per_call * pixels):
+      assert sampling.images_per_call(model, 3, tokens.shape[1]) == per_call
+      ours = np.asarray(sampling.decode_images(model, params, tokens))
+    jax.clear_caches()
+  else:
+    ours = np.asarray(sampling.decode_images(model, params, tokens))
   with torch.no_grad():
     hf.model.vqmodel.quantize.quant_state_dims = [4, 4]
     ref = hf.decode_image_tokens(torch.from_numpy(tokens.astype(np.int64))).numpy()
   ref = np.clip((ref + 1) / 2 * 255, 0, 255).astype(np.uint8)  # truncation, as the reference
   side = 4 * 2 ** (len(model.config.vq.channel_multipliers) - 1)
-  assert ours.dtype == np.uint8 and ours.shape == ref.shape == (2, side, side, 3)
+  assert ours.dtype == np.uint8 and ours.shape == ref.shape == (len(tokens), side, side, 3)
   diff = np.abs(ours.astype(int) - ref)
   assert diff.max() <= 1 and (diff == 0).mean() > 0.99
 

@@ -151,10 +151,9 @@ def _write(buffers: jax.Array | tuple[jax.Array, ...], new_BxKxH: jax.Array, ind
   if not isinstance(buffers, tuple):
     return jax.lax.dynamic_update_slice(buffers, new_BxKxH[:, :, None].astype(buffers.dtype),
                                         (0, 0, index, 0))
-  heads = buffers
   return tuple(jax.lax.dynamic_update_slice(buf, new_BxKxH[:, j, None].astype(buf.dtype),
                                             (0, index, 0))
-               for j, buf in enumerate(heads))
+               for j, buf in enumerate(buffers))
 
 
 def attend_per_head(q_BxNxH: jax.Array, ks: tuple[jax.Array, ...], vs: tuple[jax.Array, ...],
