@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from transformers import JanusConfig, JanusForConditionalGeneration  # noqa: E402
 
-from janus_jax import convert, sampling  # noqa: E402
+from janus_jax import convert, sampling, token_loop  # noqa: E402
 from janus_jax.models import janus as janus_lib  # noqa: E402
 
 BOS, PAD, BOI = 100000, 100015, 100016
@@ -180,7 +180,7 @@ def bench_jax(model, params, batch: int, steps: int, repeats: int, vq: bool = Tr
       model, params, ids, valid, rng=jax.random.key(seed), pad_id=PAD, cfg_weight=CFG,
       settings=settings, num_image_tokens=steps, unroll_layers=unroll, segments=segments))
   # The two jitted functions on the rows generate_image_tokens builds, compiled ahead of time.
-  length = sampling.bucket_length(PROMPT_LEN)
+  length = token_loop.bucket_length(PROMPT_LEN)
   pad = [(0, 0), (length - PROMPT_LEN, 0)]
   rows, rows_valid = sampling.cfg_rows(np.pad(ids, pad), np.pad(valid, pad), PAD)
   rows, rows_valid = jnp.asarray(rows, jnp.int32), jnp.asarray(rows_valid)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import oracle
-from janus_jax import convert, sampling, sharding
+from janus_jax import convert, sampling, sharding, token_loop
 from janus_jax.models import decode
 from janus_jax.models import janus as janus_lib
 from janus_jax.models import llm
@@ -158,13 +158,13 @@ def test_cached_decode_equals_full_forward(setup, path):
   def prefill(m):
     c = model.config.llm
     cache = llm.KVCache.zeros(c.num_layers, rows.shape[0], t + n, c.num_kv_heads, c.head_dim)
-    hidden, cache = sampling._prefill(m, m.embed_text(rows), row_valid, cache)
+    hidden, cache = token_loop.prefill(m, m.embed_text(rows), row_valid, cache)
     return m.image_logits(hidden), cache
 
-  slot_valid = sampling._slot_valid(jnp.asarray(row_valid), t + n)
+  slot_valid = token_loop.slot_valid(jnp.asarray(row_valid), t + n)
 
   def step(m, ids, positions, cache):
-    hidden, cache = sampling._step(m, m.embed_image_tokens(ids), slot_valid, positions, cache)
+    hidden, cache = token_loop.decode_step(m, m.embed_image_tokens(ids), slot_valid, positions, cache)
     return m.image_logits(hidden), cache
 
   def blocked_step(m, ids, positions, cache):

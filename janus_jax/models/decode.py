@@ -34,7 +34,7 @@ import numpy as np
 
 from janus_jax.models import llm
 
-# Columns per block on XLA:CPU, by the library that runs a step's dots (sampling._decode_jit:
+# Columns per block on XLA:CPU, by the library that runs a step's dots (token_loop.decode_jit:
 # Eigen from EIGEN_ROWS rows, YNNPACK below). YNNPACK, 1-3 rows: 768 (2 blocks for a 1024-wide
 # kernel, 22 for the 16384-wide image head; 384 and 1536 measured no better, bench preset, 2 rows;
 # 256 read 36.5 / 37.5 ms a step against 33.2 / 33.5, 2-core Xeon). Eigen: 256 (16 rows, same
