@@ -285,8 +285,7 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", overwrite: b
                        family: str | None = None) -> None:
   from janus_jax import pretrained
 
-  if os.path.exists(dst) and not overwrite:
-    raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+  pretrained.check_destination(dst, overwrite, keep=(src,))
   model_config, params = convert_directory(src, dtype)
   pretrained.write_converted(dst, params, model_config, family or pretrained.detect_family(src),
                              os.path.abspath(src), overwrite)
@@ -296,6 +295,7 @@ def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False) -> None:
   """A converted (or trained) directory -> `transformers`-format model.safetensors + config.json."""
   from janus_jax import pretrained, torch_io
 
+  pretrained.check_destination(out, overwrite, keep=(ckpt,))
   loaded = pretrained.load_pretrained(ckpt, with_tokenizer=False)
   image_token_id = None
   token_ids = {}
@@ -306,7 +306,7 @@ def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False) -> None:
     token_ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
   except (FileNotFoundError, KeyError, ValueError):
     pass
-  with pretrained.atomic_directory(out, overwrite) as tmp:
+  with pretrained.atomic_directory(out, overwrite, keep=(ckpt,)) as tmp:
     state = hf_state_dict_from_params(jax.device_get(loaded.params))
     torch_io.write_safetensors(os.path.join(tmp, "model.safetensors"), state)
     with open(os.path.join(tmp, "config.json"), "w") as f:

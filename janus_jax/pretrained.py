@@ -66,16 +66,62 @@ def _sync(tag: str) -> None:
     multihost_utils.sync_global_devices(f"janus_jax atomic_directory: {tag}")
 
 
+# Every directory atomic_directory writes holds this file, so that --overwrite replaces only what
+# this library wrote: never a PyTorch checkpoint, a source tree or a directory of someone's files.
+OUTPUT_MARKER = ".janus_jax_output"
+
+
+def _ours(directory: str) -> bool:
+  """Empty, or written by this library (the marker; before it, a converted directory)."""
+  names = os.listdir(directory)
+  if not names or OUTPUT_MARKER in names:
+    return True
+  try:
+    with open(os.path.join(directory, "config.json")) as f:
+      return CONVERTED_MARKER in names and "model" in json.load(f)
+  except (OSError, ValueError):
+    return False
+
+
+def _check_replaceable(dst: str, keep: tuple[str, ...]) -> None:
+  for path in map(os.path.abspath, keep):
+    if os.path.commonpath([dst, path]) == dst:
+      raise ValueError(f"refusing to write {dst}: it is (or contains) the input {path}")
+  if not os.path.isdir(dst):
+    raise FileExistsError(f"{dst} exists and is not a directory; remove it or choose another")
+  if not _ours(dst):
+    raise FileExistsError(f"{dst} exists and was not written by janus_jax (no {OUTPUT_MARKER}); "
+                          "--overwrite replaces only janus_jax outputs: remove it by hand or "
+                          "choose another destination")
+
+
+def _umask_mode() -> int:
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o777 & ~mask
+
+
+def check_destination(dst: str, overwrite: bool, keep: tuple[str, ...] = ()) -> str:
+  """dst as an absolute path; raises unless atomic_directory may write it (see there). Call it
+  before expensive work too, so a bad destination fails in seconds."""
+  dst = os.path.abspath(dst)
+  if os.path.exists(dst):
+    if not overwrite:
+      raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+    _check_replaceable(dst, keep)
+  return dst
+
+
 @contextlib.contextmanager
-def atomic_directory(dst: str, overwrite: bool = True):
+def atomic_directory(dst: str, overwrite: bool = True, keep: tuple[str, ...] = ()):
   """Yields a temporary sibling of dst to fill; on success it replaces dst in one rename, on any
   failure it is removed and dst is left as it was: a half-written directory never appears.
 
+  An existing dst is replaced only with `overwrite`, and only if it is empty or janus_jax wrote
+  it (OUTPUT_MARKER), and never when it is or contains one of the `keep` paths (the inputs).
   With several processes (multi-host), every process gets the same temporary path (orbax's
   collective save needs one), and only process 0 creates, renames or removes it."""
-  dst = os.path.abspath(dst)
-  if os.path.exists(dst) and not overwrite:
-    raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
+  dst = check_destination(dst, overwrite, keep)
   parent = os.path.dirname(dst)
   primary = jax.process_index() == 0
   if jax.process_count() > 1:
@@ -88,12 +134,24 @@ def atomic_directory(dst: str, overwrite: bool = True):
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
   try:
+    if primary:
+      os.chmod(tmp, _umask_mode())  # mkdtemp's 0700 would survive the rename
+      open(os.path.join(tmp, OUTPUT_MARKER), "w").close()
     yield tmp
     _sync(f"{tmp} written")
     if primary and os.path.exists(dst):
       old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
-      os.rename(dst, os.path.join(old, "x"))
-      os.rename(tmp, dst)
+      try:
+        os.rename(dst, os.path.join(old, "x"))
+      except BaseException:
+        os.rmdir(old)
+        raise
+      try:
+        os.rename(tmp, dst)
+      except BaseException:
+        os.rename(os.path.join(old, "x"), dst)  # put the good one back
+        os.rmdir(old)
+        raise
       shutil.rmtree(old, ignore_errors=True)
     elif primary:
       os.rename(tmp, dst)
@@ -113,7 +171,9 @@ def copy_side_files(src: str | None, dst: str) -> None:
 
 def write_converted(dst: str, params: Any, model_config: ml_collections.ConfigDict, family: str,
                     src: str | None, overwrite: bool, extra: dict[str, Any] | None = None) -> None:
-  """Build everything in a temporary sibling of dst, then rename: dst is never half-written."""
+  """Build everything in a temporary sibling of dst, then rename: dst is never half-written.
+
+  src: where the tokenizer files come from (copied before the rename, so it may be dst)."""
   with atomic_directory(dst, overwrite) as tmp:
     # Synchronous, with at most 1 GB in flight: the default async save stages a host copy of
     # every array at once, which would double peak memory on a 7B conversion.

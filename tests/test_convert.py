@@ -223,6 +223,46 @@ def test_existing_destination_needs_overwrite_and_survives_a_failed_overwrite(tm
   assert pretrained.load_pretrained(dst, with_tokenizer=False).config.param_dtype == "bfloat16"
 
 
+
+def test_overwrite_replaces_only_janus_jax_outputs(tmp_path, hf_model, monkeypatch):
+  src = checkpoints.write_hf(str(tmp_path / "models" / "src"), hf_model)
+  before = sorted(os.listdir(src))
+  # The source itself, or a folder holding it: refused before any work, nothing touched.
+  for dst in (src, str(tmp_path / "models")):
+    with pytest.raises(ValueError, match=r"contains\) the input"):
+      convert.convert_checkpoint(src, dst, "float32", overwrite=True)
+  assert sorted(os.listdir(src)) == before
+  # A folder of someone's files.
+  theirs = tmp_path / "theirs"
+  theirs.mkdir()
+  (theirs / "thesis.txt").write_text("keep me")
+  with pytest.raises(FileExistsError, match="not written by janus_jax"):
+    convert.convert_checkpoint(src, str(theirs), "float32", overwrite=True)
+  assert (theirs / "thesis.txt").read_text() == "keep me"
+  # Our own output is replaced, and its mode follows the umask, not mkdtemp's 0700.
+  dst = str(tmp_path / "dst")
+  old_mask = os.umask(0o022)
+  try:
+    convert.convert_checkpoint(src, dst, "float32")
+    assert os.stat(dst).st_mode & 0o777 == 0o755
+    assert os.path.exists(os.path.join(dst, pretrained.OUTPUT_MARKER))
+    # A failure between the two renames puts the good directory back.
+    real_rename = os.rename
+
+    def flaky_rename(a, b):
+      if b == dst and ".dst.tmp-" in a:  # the new directory's rename into place
+        raise OSError("disk went away")
+      real_rename(a, b)
+    monkeypatch.setattr(os, "rename", flaky_rename)
+    with pytest.raises(OSError, match="disk went away"):
+      convert.convert_checkpoint(src, dst, "bfloat16", overwrite=True)
+    monkeypatch.undo()
+    assert pretrained.load_pretrained(dst, with_tokenizer=False).config.param_dtype == "float32"
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".dst.")]  # no leftovers
+  finally:
+    os.umask(old_mask)
+
+
 # --- config translation ------------------------------------------------------------------------
 
 def _arch(model_config) -> dict:
