@@ -208,6 +208,7 @@ def config_from_hf(hf: Mapping[str, Any]) -> ml_collections.ConfigDict:
   image_size, patch = vis.get("image_size", 384), vis.get("patch_size", 16)
   vision = presets.vision(image_size, patch, width, vis.get("num_hidden_layers", 24),
                           vis.get("num_attention_heads", 16), int(width * vis.get("mlp_ratio", 4.0)))
+  vision.layer_norm_eps = float(vis.get("layer_norm_eps", 1e-6))
   vq = presets.vq(vqc.get("num_embeddings", 16384), vqc.get("embed_dim", 8),
                   vqc.get("latent_channels", 256), vqc.get("base_channels", 128),
                   tuple(vqc.get("channel_multiplier", (1, 1, 2, 2, 4))), vqc.get("num_res_blocks", 2),
@@ -226,9 +227,29 @@ def detect_schema(cfg: Mapping[str, Any], source: str = "config.json") -> str:
                    f"vision_config, vq_config); found keys {sorted(cfg)[:8]}")
 
 
+def _check_rope(text: Mapping[str, Any], source: str) -> None:
+  """Only plain RoPE is implemented (all released Janus models use it): refuse scaled variants."""
+  scaling = text.get("rope_scaling") or {}
+  kind = (text.get("rope_parameters") or {}).get("rope_type") or scaling.get("rope_type") or (
+      scaling.get("type") if scaling else None)
+  if kind not in (None, "default"):
+    raise ValueError(f"{source}: RoPE type {kind!r} is not supported (only the default RoPE)")
+
+
 def model_config_from_json(cfg: Mapping[str, Any], source: str = "config.json"):
+  """Our model config from a checkpoint's config.json (either schema); ValueError naming the
+  file for a config this cannot read."""
   schema = detect_schema(cfg, source)
-  return original_format.config_from_original(cfg) if schema == "original" else config_from_hf(cfg)
+  try:
+    text = cfg["language_config"] if schema == "original" else cfg["text_config"]
+    if not isinstance(text, Mapping):
+      raise TypeError(f"{'language_config' if schema == 'original' else 'text_config'} is "
+                      f"{type(text).__name__}, not an object")
+    _check_rope(text, source)
+    return (original_format.config_from_original(cfg) if schema == "original"
+            else config_from_hf(cfg))
+  except (KeyError, TypeError, AttributeError) as e:
+    raise ValueError(f"{source}: cannot read the {schema} config: {type(e).__name__}: {e}") from e
 
 
 def hf_config_dict(config: ml_collections.ConfigDict, image_token_id: int | None = None,
@@ -262,20 +283,63 @@ def hf_config_dict(config: ml_collections.ConfigDict, image_token_id: int | None
 # ---------------------------------------------------------------------------------------------
 # Whole directories and the command line.
 
-def convert_directory(src: str, dtype: str = "bfloat16", place=None) -> tuple[ml_collections.ConfigDict, Any]:
+class _TiedHead(Mapping):
+  """Tensors of a transformers checkpoint saved with tied embeddings (JanusConfig's top-level
+  tie_word_embeddings defaults to True, and save_pretrained then leaves lm_head out): the text
+  head reads embed_tokens, as transformers computes it."""
+
+  HEAD, EMBED = "lm_head.weight", "model.language_model.embed_tokens.weight"
+
+  def __init__(self, source):
+    self._source = source
+
+  def __getitem__(self, key: str) -> np.ndarray:
+    return self._source[self.EMBED if key == self.HEAD else key]
+
+  def __iter__(self):
+    return iter([*self._source.keys(), self.HEAD])
+
+  def __len__(self) -> int:
+    return len(self._source.keys()) + 1
+
+  def __contains__(self, key) -> bool:
+    return key == self.HEAD or key in self._source
+
+  def describe(self, key: str) -> str:
+    inner = self._source.describe(self.EMBED if key == self.HEAD else key)
+    return f"{inner} (tied: read as {self.HEAD!r})" if key == self.HEAD else inner
+
+
+def stored_dtype(tensors) -> str:
+  """"bfloat16" if the checkpoint's token embedding is stored in 16 bits, else "float32"."""
+  for key in ("model.language_model.embed_tokens.weight", "language_model.model.embed_tokens.weight"):
+    if key in tensors:
+      return "bfloat16" if np.dtype(tensors.dtype(key)).itemsize == 2 else "float32"
+  return "float32"
+
+
+def convert_directory(src: str, dtype: str | None = "bfloat16", place=None
+                      ) -> tuple[ml_collections.ConfigDict, Any]:
   """(model config, params) from a PyTorch checkpoint directory in either format.
 
+  dtype: the params' dtype; None: as stored (bfloat16 for 16-bit checkpoints, else float32).
   place(path, leaf) puts each finished leaf where it should live (default: a jax array on the
   default device; orbax saves jax arrays without a second host copy, unlike numpy ones).
   """
   from janus_jax import pretrained, torch_io
 
-  cfg_json = pretrained.read_json(os.path.join(src, "config.json"))
-  schema = detect_schema(cfg_json, os.path.join(src, "config.json"))
-  model_config = model_config_from_json(cfg_json)
-  model_config.dtype = model_config.param_dtype = dtype
+  config_path = os.path.join(src, "config.json")
+  cfg_json = pretrained.read_json(config_path)
+  schema = detect_schema(cfg_json, config_path)
+  model_config = model_config_from_json(cfg_json, config_path)
   tensors = torch_io.TensorSource(src)
+  model_config.dtype = model_config.param_dtype = dtype or stored_dtype(tensors)
   view = original_format.OriginalAsHF(tensors) if schema == "original" else tensors
+  if (schema == "hf" and _TiedHead.HEAD not in tensors and _TiedHead.EMBED in tensors
+      and cfg_json.get("tie_word_embeddings", True)):
+    print(f"{src}: no {_TiedHead.HEAD} and tie_word_embeddings is true: the text head reads "
+          "the token embedding", file=sys.stderr)
+    view = _TiedHead(tensors)
   place = place or (lambda _, leaf: jax.device_put(leaf))
   params = params_from_hf_state_dict(view, janus_lib.build(model_config), source=src, place=place)
   return model_config, params

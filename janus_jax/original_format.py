@@ -54,7 +54,9 @@ def original_to_hf_key(key: str) -> list[tuple[str, Any]]:
   for orig, hf in (("aligner.", "model.aligner."), ("gen_aligner.", "model.generation_aligner.")):
     m = re.fullmatch(re.escape(orig) + r"layers\.(\d+)\.(weight|bias)", key)
     if m:
-      index = int(m[1]) // 2  # Sequential(Linear, GELU, Linear, ...): Linears at even indices
+      if int(m[1]) % 2:  # Sequential(Linear, GELU, Linear, ...): odd indices hold no weights
+        return [(key, None)]
+      index = int(m[1]) // 2
       return [(hf + ("fc1" if index == 0 else f"hidden_layers.{index - 1}") + "." + m[2], None)]
   if key.startswith("gen_head."):
     return [(key.replace("gen_head.output_mlp_projector.", "model.generation_head.proj_out.")
@@ -120,12 +122,17 @@ class OriginalAsHF(Mapping):
     self._map: dict[str, tuple[str, Any]] = {}
     for key in source.keys():
       for hf, transform in original_to_hf_key(key):
+        if hf in self._map:  # e.g. lm_head.weight next to language_model.lm_head.weight
+          raise ValueError(f"{getattr(source, 'directory', 'checkpoint')}: tensors "
+                           f"{self._map[hf][0]!r} and {key!r} both map to {hf!r}")
         self._map[hf] = (key, transform)
 
   def __getitem__(self, hf: str) -> np.ndarray:
     key, transform = self._map[hf]
     tensor = self._source[key]
     if transform == "squeeze0":
+      if tensor.ndim == 3 and tensor.shape[0] != 1:
+        raise ValueError(f"{key}: expected shape [1, positions, width], got {tuple(tensor.shape)}")
       return tensor.reshape(tensor.shape[1:]) if tensor.ndim == 3 else tensor
     if transform is not None:
       if tensor.shape[0] % 3:

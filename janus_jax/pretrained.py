@@ -203,7 +203,25 @@ def restore_params(directory: str, model: janus_lib.Janus, mesh=None) -> Any:
   target = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                         nn.unbox(abstract), shardings)
   path = os.path.join(os.path.abspath(directory), CONVERTED_MARKER)
-  return ocp.StandardCheckpointer().restore(path, target)
+  checkpointer = ocp.StandardCheckpointer()
+  _check_stored_shapes(path, checkpointer.metadata(path).item_metadata.tree, target)
+  return checkpointer.restore(path, target)
+
+
+def _check_stored_shapes(path: str, stored: Any, target: Any) -> None:
+  """Raises naming the parameter when the stored params are not the model's (another size)."""
+  want = flax.traverse_util.flatten_dict(target)
+  have = flax.traverse_util.flatten_dict(stored)
+  for key in sorted(set(want) | set(have)):
+    name = "/".join(key)
+    if key not in have:
+      raise ValueError(f"{path}: no parameter {name} (the model config expects it)")
+    if key not in want:
+      raise ValueError(f"{path}: parameter {name} is not in the model (another architecture?)")
+    if tuple(have[key].shape) != tuple(want[key].shape):
+      raise ValueError(f"{path}: parameter {name} is stored with shape {tuple(have[key].shape)}, "
+                       f"the model expects {tuple(want[key].shape)} (a checkpoint of another "
+                       "model size?)")
 
 
 def _load_side(directory: str, family: str, model_config, system_prompt: str | None = None):
@@ -234,15 +252,14 @@ def load_pretrained(path: str, dtype: str | None = None, mesh=None, with_tokeniz
     model = janus_lib.build(cfg)
     params = restore_params(path, model, mesh)
   else:
-    cfg = convert.model_config_from_json(meta, os.path.join(path, "config.json"))
-    cfg.dtype = cfg.param_dtype = dtype or "float32"
-    model = janus_lib.build(cfg)
     place = None
-    if mesh is not None:
-      shardings = flax.traverse_util.flatten_dict(
-          sharding.param_shardings(janus_lib.abstract_params(model), mesh))
+    if mesh is not None:  # the shardings depend on the shapes only
+      shardings = flax.traverse_util.flatten_dict(sharding.param_shardings(janus_lib.abstract_params(
+          janus_lib.build(convert.model_config_from_json(meta, os.path.join(path, "config.json")))),
+          mesh))
       place = lambda path_, leaf: jax.device_put(leaf, shardings[path_])  # noqa: E731
-    cfg, params = convert.convert_directory(path, cfg.param_dtype, place)
+    cfg, params = convert.convert_directory(path, dtype, place)
+    model = janus_lib.build(cfg)
     family = detect_family(path)
   system_prompt = meta.get("system_prompt") if "model" in meta else None
   tok, proc = _load_side(path, family, cfg, system_prompt) if with_tokenizer else (None, None)

@@ -63,7 +63,14 @@ def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
       header = json.loads(f.read(n))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
       raise CorruptCheckpointError(f"{path}: corrupt safetensors header: {e}") from e
+  if not isinstance(header, dict):
+    raise CorruptCheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
   header.pop("__metadata__", None)
+  for key, info in header.items():
+    if (not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys()
+        or len(info["data_offsets"]) != 2):
+      raise CorruptCheckpointError(f"{path}: corrupt safetensors header entry for {key!r} "
+                                   "(needs dtype, shape and two data_offsets)")
   end = max((v["data_offsets"][1] for v in header.values()), default=0)
   if 8 + n + end > size:
     raise CorruptCheckpointError(f"{path}: truncated safetensors file ({size} bytes, tensors "
@@ -83,6 +90,10 @@ class SafetensorsFile:
 
   def shape(self, key: str) -> tuple[int, ...]:
     return tuple(self.header[key]["shape"])
+
+  def dtype(self, key: str) -> np.dtype | None:
+    return (np.dtype(SAFETENSORS_DTYPES[self.header[key]["dtype"]])
+            if self.header[key]["dtype"] in SAFETENSORS_DTYPES else None)
 
   def __getitem__(self, key: str) -> np.ndarray:
     info = self.header[key]
@@ -219,29 +230,58 @@ class TensorSource:
   def __init__(self, directory: str):
     self.directory = directory
     self._where: dict[str, tuple[str, Any]] = {}
-    files = self._weight_files()
+    index, weight_map = self._index()
+    files = sorted(set(weight_map.values())) if index else self._single_file()
+    handles = {}
     for name in files:
       path = os.path.join(directory, name)
       if not os.path.exists(path):
         raise FileNotFoundError(f"{directory}: weight file {name} (named in the index) is missing")
-      handle = SafetensorsFile(path) if name.endswith(".safetensors") else load_torch_pickle(path)
+      handles[name] = (SafetensorsFile(path) if name.endswith(".safetensors")
+                       else load_torch_pickle(path))
+    # With an index, each tensor comes from the shard the index names; a tensor in no entry is
+    # read from the one shard holding it (two holding it is ambiguous).
+    for name, handle in handles.items():
       for key in handle.keys():
-        self._where[key] = (name, handle)
+        assigned = weight_map.get(key)
+        if assigned == name or (assigned is None and key not in self._where):
+          self._where[key] = (name, handle)
+        elif assigned is None:
+          raise CorruptCheckpointError(f"{directory}: tensor {key!r} is in both "
+                                       f"{self._where[key][0]} and {name}, and {index} names "
+                                       "neither")
+    lost = sorted(k for k in weight_map if k not in self._where)
+    if lost:
+      raise CorruptCheckpointError(
+          f"{os.path.join(directory, index)}: {len(lost)} tensors are not in the shard it names "
+          f"for them, e.g. {lost[0]!r} (index: {weight_map[lost[0]]})")
 
-  def _weight_files(self) -> list[str]:
+  def _index(self) -> tuple[str | None, dict[str, str]]:
+    """(index file name, its weight_map {key: shard file}), or (None, {}) without one."""
     for index in INDEX_FILES:
       path = os.path.join(self.directory, index)
       if os.path.exists(path):
         try:
           with open(path) as f:
             weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
           raise CorruptCheckpointError(f"{path}: not a valid index (needs 'weight_map'): {e}") from e
-        return sorted(set(weight_map.values()))
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+          raise CorruptCheckpointError(f"{path}: 'weight_map' must map tensor names to file names")
+        return index, weight_map
+    return None, {}
+
+  def _single_file(self) -> list[str]:
     for name in WEIGHT_FILES:
       if os.path.exists(os.path.join(self.directory, name)):
         return [name]
     raise FileNotFoundError(f"{self.directory}: no weights found (looked for {', '.join(WEIGHT_FILES + INDEX_FILES)})")
+
+  def dtype(self, key: str) -> np.dtype | None:
+    """The stored dtype of a tensor (None if this reader does not support it)."""
+    name, handle = self._where[key]
+    return handle.dtype(key) if isinstance(handle, SafetensorsFile) else np.dtype(handle[key].dtype)
 
   def keys(self) -> list[str]:
     return list(self._where)

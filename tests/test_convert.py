@@ -416,3 +416,111 @@ def test_a_fused_qkv_that_does_not_split_in_three_is_refused():
   hf_key = next(k for k in source if "q_proj.weight" in k)
   with pytest.raises(ValueError, match=rf"{key}: a fused qkv of shape \(3073, 2\) does not split"):
     source[hf_key]
+
+
+# --- ambiguous or unusual checkpoints ----------------------------------------------------------
+
+def test_two_tensors_for_one_parameter_are_refused(tmp_path, hf_model):
+  state = _original_state(hf_model)
+  state["lm_head.weight"] = torch.zeros_like(state["language_model.lm_head.weight"])
+  _expect_failure(tmp_path, _write_state(tmp_path, hf_model, state),
+                  "'language_model.lm_head.weight' and 'lm_head.weight' both map to 'lm_head.weight'")
+
+
+def test_an_aligner_tensor_at_a_gelu_index_is_unexpected(tmp_path, hf_model):
+  state = _original_state(hf_model)
+  state["aligner.layers.1.weight"] = torch.zeros_like(state["aligner.layers.0.weight"])
+  _expect_failure(tmp_path, _write_state(tmp_path, hf_model, state),
+                  r"unexpected tensors \['aligner.layers.1.weight'\]")
+
+
+def _write_sharded(directory, hf_model, weight_map_edit=None, duplicate=None) -> str:
+  """A transformers directory with the state split over two safetensors shards and an index."""
+  from safetensors.torch import save_file
+
+  os.makedirs(directory)
+  hf_model.config.to_json_file(os.path.join(directory, "config.json"))
+  state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+  keys = sorted(state)
+  shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+  weight_map = {k: name for name, ks in shards.items() for k in ks}
+  for name, ks in shards.items():
+    part = {k: state[k] for k in ks}
+    if duplicate and name == "b.safetensors":  # a stale zeroed copy of a tensor of shard a
+      part[duplicate] = torch.zeros_like(state[duplicate])
+    save_file(part, os.path.join(directory, name))
+  weight_map.update(weight_map_edit or {})
+  with open(os.path.join(directory, "model.safetensors.index.json"), "w") as f:
+    json.dump({"metadata": {}, "weight_map": weight_map}, f)
+  return directory
+
+
+def test_sharded_checkpoints_read_each_tensor_from_the_shard_the_index_names(tmp_path, hf_model):
+  key = "lm_head.weight"
+  # b also holds a zeroed copy of a's tensor: the index says a, so a's is read.
+  src = _write_sharded(str(tmp_path / "dup"), hf_model, duplicate=key)
+  assert convert.main([src, str(tmp_path / "out"), "--dtype", "float32"]) == 0
+  _assert_matches_oracle(pretrained.load_pretrained(str(tmp_path / "out"), with_tokenizer=False),
+                         hf_model)
+  # An index naming the wrong shard, or a tensor no shard holds, names the index.
+  wrong = "b.safetensors" if key in torch_io.SafetensorsFile(
+      os.path.join(src, "a.safetensors")).keys() else "a.safetensors"
+  for edit in ({key: wrong}, {"ghost.weight": "a.safetensors"}):
+    bad = _write_sharded(str(tmp_path / f"bad{len(os.listdir(tmp_path))}"), hf_model, edit)
+    with pytest.raises(torch_io.CorruptCheckpointError, match="index.json: 1 tensors are not in the shard"):
+      convert.convert_checkpoint(bad, str(tmp_path / "never"), "float32")
+  assert not os.path.exists(tmp_path / "never")
+
+
+def test_tied_transformers_checkpoint_reads_the_head_from_the_embedding(tmp_path, hf_model):
+  """save_pretrained with JanusConfig's default tie_word_embeddings=True leaves lm_head out."""
+  src = checkpoints.write_hf(str(tmp_path / "src"), hf_model)
+  from safetensors.torch import load_file, save_file
+  state = load_file(os.path.join(src, "model.safetensors"))
+  embed = state["model.language_model.embed_tokens.weight"]
+  del state["lm_head.weight"]
+  save_file(state, os.path.join(src, "model.safetensors"))
+  cfg = json.load(open(os.path.join(src, "config.json")))
+  cfg["tie_word_embeddings"] = True
+  json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+  loaded = pretrained.load_pretrained(src, dtype="float32", with_tokenizer=False)
+  np.testing.assert_array_equal(loaded.params["llm"]["lm_head"]["kernel"], embed.numpy().T)
+  cfg["tie_word_embeddings"] = False  # untied and no head: the missing tensor is named
+  json.dump(cfg, open(os.path.join(src, "config.json"), "w"))
+  with pytest.raises(KeyError, match="missing tensor 'lm_head.weight'"):
+    pretrained.load_pretrained(src, dtype="float32", with_tokenizer=False)
+
+
+def test_pytorch_directories_load_in_their_stored_dtype(tmp_path, hf_model):
+  src = checkpoints.write_original(str(tmp_path / "f32"), hf_model, "safetensors")
+  assert pretrained.load_pretrained(src, with_tokenizer=False).config.param_dtype == "float32"
+  state = {k: v.to(torch.bfloat16) for k, v in _original_state(hf_model).items()}
+  src = _write_state(tmp_path, hf_model, state)
+  loaded = pretrained.load_pretrained(src, with_tokenizer=False)
+  assert loaded.config.param_dtype == "bfloat16"
+  assert loaded.params["llm"]["embed_tokens"]["embedding"].dtype == jnp.bfloat16
+
+
+def test_config_fields_are_read_or_refused(tmp_path, hf_model):
+  cfg = hf_model.config.to_dict()
+  cfg["vision_config"]["layer_norm_eps"] = 1e-5
+  assert convert.model_config_from_json(cfg).vision.layer_norm_eps == 1e-5
+  cfg["text_config"]["rope_parameters"] = {"rope_type": "yarn", "rope_theta": 1e4, "factor": 2.0}
+  with pytest.raises(ValueError, match="config.json: RoPE type 'yarn' is not supported"):
+    convert.model_config_from_json(cfg)
+  original = checkpoints.original_config(hf_model.config)
+  original["language_config"] = None
+  with pytest.raises(ValueError, match="config.json: cannot read the original config"):
+    convert.model_config_from_json(original)
+
+
+def test_restoring_params_of_another_size_names_the_parameter(tmp_path, hf_model):
+  src = checkpoints.write_hf(str(tmp_path / "src"), hf_model)
+  dst = str(tmp_path / "dst")
+  convert.convert_checkpoint(src, dst, "float32")
+  loaded = pretrained.load_pretrained(dst, with_tokenizer=False)
+  bigger = loaded.config.copy_and_resolve_references()
+  bigger.llm.mlp_dim *= 2
+  with pytest.raises(ValueError, match=r"parameter llm/decoder/layers/mlp/\w+_proj/kernel is "
+                                       r"stored with shape"):
+    pretrained.restore_params(dst, janus_lib.build(bigger))
