@@ -12,6 +12,10 @@ in memory). Every field of configs/sample.py is also settable as --config.FIELD=
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import glob
+import json
+import math
 import os
 import sys
 import time
@@ -30,11 +34,15 @@ _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "checkpoint directory (ove
 _PROMPT = flags.DEFINE_multi_string("prompt", [], "text-to-image prompt (repeatable)")
 _NUM_IMAGES = flags.DEFINE_integer("num_images", None, "images per prompt")
 _CFG = flags.DEFINE_float("cfg", None, "classifier-free guidance weight")
-_TEMPERATURE = flags.DEFINE_float("temperature", None, "sampling temperature (0 = greedy)")
-_TOP_K = flags.DEFINE_integer("top_k", None, "top-k (0 = off)")
-_TOP_P = flags.DEFINE_float("top_p", None, "top-p (1 = off)")
+_TEMPERATURE = flags.DEFINE_float("temperature", None,
+                                   "text-to-image sampling temperature (0 = greedy); answers use "
+                                   "--config.answer_temperature")
+_TOP_K = flags.DEFINE_integer("top_k", None, "text-to-image top-k (0 = off)")
+_TOP_P = flags.DEFINE_float("top_p", None, "text-to-image top-p (1 = off)")
 _SEED = flags.DEFINE_integer("seed", None, "PRNG seed")
-_OUT = flags.DEFINE_string("out", None, "output directory for PNGs")
+_OUT = flags.DEFINE_string("out", None, "output directory for PNGs and samples.json")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "replace the images and samples.json an earlier run left in --out")
 _IMAGE = flags.DEFINE_string("image", None, "image to ask about")
 _QUESTION = flags.DEFINE_string("question", None, "question about --image")
 
@@ -61,12 +69,55 @@ def phase(label: str):
         file=sys.stderr)
 
 
-def _settings(c) -> tuple[dict, sampling.Sampler]:
+def _settings(c) -> tuple[dict, sampling.Sampler, sampling.Sampler]:
+  """(settings, text-to-image sampler, answer sampler); UsageError naming a bad flag."""
   overrides = {"checkpoint": _CHECKPOINT.value, "num_images": _NUM_IMAGES.value,
                "cfg_weight": _CFG.value, "temperature": _TEMPERATURE.value, "top_k": _TOP_K.value,
                "top_p": _TOP_P.value, "seed": _SEED.value, "out": _OUT.value}
   s = {k: (v if v is not None else c[k]) for k, v in overrides.items()}
-  return s, sampling.Sampler(s["temperature"], s["top_k"], s["top_p"])
+  try:
+    image_sampler = sampling.Sampler(s["temperature"], s["top_k"], s["top_p"])
+  except ValueError:
+    raise app.UsageError(f"--temperature={s['temperature']} --top_k={s['top_k']} "
+                         f"--top_p={s['top_p']}: need temperature >= 0, top_k >= 0, "
+                         "0 < top_p <= 1") from None
+  try:
+    answer_sampler = sampling.Sampler(c.answer_temperature, c.answer_top_k, c.answer_top_p)
+  except ValueError:
+    raise app.UsageError(f"--config.answer_temperature={c.answer_temperature} "
+                         f"--config.answer_top_k={c.answer_top_k} "
+                         f"--config.answer_top_p={c.answer_top_p}: need temperature >= 0, "
+                         "top_k >= 0, 0 < top_p <= 1") from None
+  if not math.isfinite(s["cfg_weight"]):
+    raise app.UsageError(f"--cfg={s['cfg_weight']}: the guidance weight must be finite")
+  if not -2**63 <= s["seed"] < 2**63:
+    raise app.UsageError(f"--seed={s['seed']}: must fit in 64 bits (signed)")
+  if c.dtype not in ("", "bfloat16", "float32"):
+    raise app.UsageError(f"--config.dtype={c.dtype!r}: expected '' (as stored), 'bfloat16' or "
+                         "'float32'")
+  if c.max_new_tokens < 1:
+    raise app.UsageError(f"--config.max_new_tokens={c.max_new_tokens}: need at least 1")
+  return s, image_sampler, answer_sampler
+
+
+# What a text-to-image run writes into --out (and what --overwrite replaces).
+OUTPUT_PATTERNS = ("prompt*_*.png", "grid.png", "samples.json")
+
+
+def _earlier_outputs(out: str) -> list[str]:
+  return sorted(p for pattern in OUTPUT_PATTERNS for p in glob.glob(os.path.join(out, pattern)))
+
+
+def _check_out(out: str, overwrite: bool) -> None:
+  """Before any work: --out must be a directory (or creatable) without an earlier run's images,
+  unless --overwrite; so that a run never ends in a write error or a mix of two runs' files."""
+  if os.path.exists(out) and not os.path.isdir(out):
+    raise app.UsageError(f"--out={out}: exists and is not a directory")
+  earlier = _earlier_outputs(out) if os.path.isdir(out) else []
+  if earlier and not overwrite:
+    raise app.UsageError(f"--out={out} holds an earlier run's outputs "
+                         f"({os.path.basename(earlier[0])}, ...): pass --overwrite to replace "
+                         "them, or choose another --out")
 
 
 def image_grid(images_NxHxWx3: np.ndarray, columns: int) -> np.ndarray:
@@ -80,6 +131,7 @@ def image_grid(images_NxHxWx3: np.ndarray, columns: int) -> np.ndarray:
 
 
 def text_to_image(loaded, prompts: list[str], s: dict, settings: sampling.Sampler) -> None:
+  """Writes prompt{i}_{k}.png per image, grid.png (a row per prompt) and samples.json."""
   from PIL import Image
 
   batch = loaded.processor.generation_batch(prompts)
@@ -93,15 +145,26 @@ def text_to_image(loaded, prompts: list[str], s: dict, settings: sampling.Sample
   with phase("decoding pixels"):
     pixels = np.asarray(sampling.decode_images(loaded.model, loaded.params, ids))
   os.makedirs(s["out"], exist_ok=True)
+  for path in _earlier_outputs(s["out"]):  # checked up front: only with --overwrite
+    os.remove(path)
+  files = []
   for i, image in enumerate(pixels):
     prompt_index, k = divmod(i, s["num_images"])
-    Image.fromarray(image).save(os.path.join(s["out"], f"prompt{prompt_index}_{k}.png"))
+    files.append(f"prompt{prompt_index}_{k}.png")
+    Image.fromarray(image).save(os.path.join(s["out"], files[-1]))
   grid = os.path.join(s["out"], "grid.png")
   Image.fromarray(image_grid(pixels, s["num_images"])).save(grid)
+  record = {"checkpoint": os.path.abspath(s["checkpoint"]), "prompts": prompts,
+            "images": {f: prompts[i // s["num_images"]] for i, f in enumerate(files)},
+            **{k: s[k] for k in ("num_images", "cfg_weight", "seed")},
+            **dataclasses.asdict(settings)}
+  with open(os.path.join(s["out"], "samples.json"), "w") as f:
+    json.dump(record, f, indent=2)
   print(f"wrote {len(pixels)} image(s) and {grid}")
 
 
-def answer(loaded, image_path: str, question: str, c, seed: int) -> str:
+def answer(loaded, image_path: str, question: str, c, seed: int,
+           settings: sampling.Sampler) -> str:
   from PIL import Image
 
   batch = loaded.processor.understanding_batch([question], [[Image.open(image_path)]])
@@ -109,26 +172,44 @@ def answer(loaded, image_path: str, question: str, c, seed: int) -> str:
     tokens, lengths = sampling.generate_text(
         loaded.model, loaded.params, batch["input_ids"], batch["attention_mask"],
         rng=jax.random.key(seed), max_new_tokens=c.max_new_tokens, eos_id=loaded.tokenizer.eos_id,
-        settings=sampling.Sampler(temperature=c.answer_temperature),
-        image_mask_BxT=batch["image_mask"], pixels=batch["pixels"], image_valid=batch["image_valid"])
-  return loaded.tokenizer.decode(np.asarray(tokens[0, :int(lengths[0])]).tolist())
+        settings=settings, image_mask_BxT=batch["image_mask"], pixels=batch["pixels"],
+        image_valid=batch["image_valid"])
+  ids = np.asarray(tokens[0, :int(lengths[0])]).tolist()
+  if ids[-1] != loaded.tokenizer.eos_id:
+    print(f"(the answer was cut at --config.max_new_tokens={c.max_new_tokens} tokens)",
+          file=sys.stderr)
+  return loaded.tokenizer.decode(ids)
+
+
+def _check_image(path: str) -> None:
+  from PIL import Image, UnidentifiedImageError
+
+  if not os.path.isfile(path):
+    raise app.UsageError(f"--image {path!r}: no such file")
+  try:
+    with Image.open(path) as image:
+      image.verify()
+  except (UnidentifiedImageError, OSError, SyntaxError) as e:
+    raise app.UsageError(f"--image {path!r}: not a readable image ({e})") from None
 
 
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   c = _CONFIG.value
-  s, settings = _settings(c)
+  s, image_settings, answer_settings = _settings(c)
   if _QUESTION.value and not _IMAGE.value:
     raise app.UsageError("--question needs --image PATH")
   if not (_PROMPT.value or _IMAGE.value):
     raise app.UsageError("give --prompt TEXT (text-to-image) or --image PATH --question TEXT")
   if _IMAGE.value and not _QUESTION.value:
     raise app.UsageError("--image needs --question")
-  if _IMAGE.value and not os.path.isfile(_IMAGE.value):
-    raise app.UsageError(f"--image {_IMAGE.value!r}: no such file")
+  if _IMAGE.value:
+    _check_image(_IMAGE.value)
   if _PROMPT.value and not s["num_images"] >= 1:
     raise app.UsageError(f"--num_images={s['num_images']}: need at least 1 image per prompt")
+  if _PROMPT.value:
+    _check_out(s["out"], _OVERWRITE.value)
   if not os.path.exists(os.path.join(s["checkpoint"], "config.json")):
     raise app.UsageError(f"no checkpoint at {s['checkpoint']!r}: run `python train.py` first, "
                          "or pass --checkpoint DIR")
@@ -136,9 +217,9 @@ def main(argv) -> None:
   with phase(f"loading {s['checkpoint']}"):
     loaded = load_pretrained(s["checkpoint"], dtype=c.dtype or None)
   if _IMAGE.value:
-    print(answer(loaded, _IMAGE.value, _QUESTION.value, c, s["seed"]).strip())
+    print(answer(loaded, _IMAGE.value, _QUESTION.value, c, s["seed"], answer_settings).strip())
   if _PROMPT.value:
-    text_to_image(loaded, list(_PROMPT.value), s, settings)
+    text_to_image(loaded, list(_PROMPT.value), s, image_settings)
 
 
 if __name__ == "__main__":

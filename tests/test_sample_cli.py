@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import subprocess
@@ -41,11 +42,27 @@ def test_sample_cli_generates_images_and_answers(tmp_path):
       capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   names = sorted(os.listdir(out))
-  assert names == ["grid.png", "prompt0_0.png", "prompt0_1.png", "prompt1_0.png", "prompt1_1.png"]
+  assert names == ["grid.png", "prompt0_0.png", "prompt0_1.png", "prompt1_0.png", "prompt1_1.png",
+                   "samples.json"]
+  record = json.loads((out / "samples.json").read_text())
+  assert record["images"]["prompt1_0.png"] == "a cat" and record["seed"] == 1
+  assert record["cfg_weight"] == 3 and record["temperature"] == 1.0
   assert np.asarray(Image.open(out / "prompt1_0.png")).shape == (8, 8, 3)  # 4x4 tokens, VQ x2
   assert np.asarray(Image.open(out / "grid.png")).shape == (16, 16, 3)
   assert "compile" in proc.stderr and "run" in proc.stderr
   assert "wrote 4 image(s)" in proc.stdout
+  # A second run into the same --out: refused before loading; with --overwrite, the earlier
+  # run's files go, so the folder holds one run only.
+  second = [sys.executable, str(REPO / "sample.py"), f"--checkpoint={ckpt}", "--prompt=a dog",
+            "--num_images=1", f"--out={out}", "--temperature=0"]
+  proc = subprocess.run(second, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+  assert proc.returncode != 0 and "holds an earlier run's outputs" in proc.stderr
+  assert "loading" not in proc.stderr
+  proc = subprocess.run(second + ["--overwrite"], capture_output=True, text=True, env=env,
+                        cwd=tmp_path, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert sorted(os.listdir(out)) == ["grid.png", "prompt0_0.png", "samples.json"]
+  assert json.loads((out / "samples.json").read_text())["prompts"] == ["a dog"]
 
 
 def test_sample_cli_explains_a_missing_checkpoint(tmp_path):
@@ -59,8 +76,17 @@ def test_sample_cli_explains_a_missing_checkpoint(tmp_path):
     (["--prompt=x", "--num_images=0"], "--num_images=0: need at least 1"),
     (["--question=What digit is this?"], "--question needs --image"),
     (["--image=missing.png", "--question=q"], "--image 'missing.png': no such file"),
+    (["--image=notes.png", "--question=q"], "--image 'notes.png': not a readable image"),
+    (["--prompt=x", "--top_p=0"], "need temperature >= 0, top_k >= 0, 0 < top_p <= 1"),
+    (["--prompt=x", "--cfg=nan"], "--cfg=nan: the guidance weight must be finite"),
+    (["--prompt=x", "--seed=18446744073709551616"], "must fit in 64 bits"),
+    (["--prompt=x", "--config.dtype=bf16"], "--config.dtype='bf16': expected"),
+    (["--image=notes.png", "--question=q", "--config.answer_temperature=-1"],
+     "--config.answer_temperature=-1"),
+    (["--prompt=x", "--out=notes.png"], "--out=notes.png: exists and is not a directory"),
 ])
 def test_sample_cli_names_the_bad_flag_before_loading(tmp_path, flags, message):
+  (tmp_path / "notes.png").write_text("not an image")
   proc = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--checkpoint={tmp_path}/none",
                          *flags], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                         env={**os.environ, "XLA_FLAGS": ""})
