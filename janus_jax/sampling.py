@@ -201,6 +201,11 @@ def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_vali
   valid_BxT = np.asarray(prompt_valid_BxT, bool)
   if not valid_BxT[:, -1].all():
     raise ValueError("prompts must be left-padded: the last column (<begin_of_image>) must be real")
+  vocab = model.config.llm.vocab_size
+  if not 0 <= pad_id < vocab:  # an id past the table would embed as its last row, silently
+    raise ValueError(f"pad_id = {pad_id} is outside the vocabulary [0, {vocab})")
+  if images_per_prompt < 1:
+    raise ValueError(f"images_per_prompt = {images_per_prompt} must be at least 1")
   n = num_image_tokens or model.config.vq.grid_size**2
   images = ids_BxT.shape[0] * images_per_prompt
   token_loop.check_divisible(images, "number of images (prompts x images_per_prompt)", mesh)
@@ -255,6 +260,10 @@ def decode_images(model: Janus, params: Any, ids_BxN) -> jax.Array:
   """Image-token ids [B, N] -> uint8 pixels [B, H, W, 3] (VQ decode, reference post-processing),
   `images_per_call` images at a time."""
   ids_BxN = jnp.asarray(ids_BxN, jnp.int32)
+  codebook = model.config.vq.codebook_size
+  if bool(jnp.any((ids_BxN < 0) | (ids_BxN >= codebook))):
+    raise ValueError(f"image-token ids must lie in [0, {codebook}) (the VQ codebook); got "
+                     f"{int(ids_BxN.min())} .. {int(ids_BxN.max())}")
   return _decode_images(model, params, ids_BxN,
                         per_call=images_per_call(model, *ids_BxN.shape))
 
@@ -310,6 +319,32 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
   return tokens_BxN, lengths_B.astype(jnp.int32)
 
 
+def _check_images(model: Janus, rows: int, image_mask_BxT, pixels, image_valid) -> None:
+  """The image arguments of generate_text agree: both or neither of mask and pixels, and each
+  row's placeholders are exactly its real images' tokens."""
+  if (image_mask_BxT is None) != (pixels is None):
+    raise ValueError("generate_text: pass image_mask_BxT and pixels together (got only "
+                     f"{'pixels' if image_mask_BxT is None else 'image_mask_BxT'})")
+  if pixels is None:
+    return
+  v = model.config.vision
+  shape = np.shape(pixels)
+  if len(shape) != 5 or shape[0] != rows or shape[2:] != (v.image_size, v.image_size, 3):
+    raise ValueError(f"pixels has shape {shape}, expected [{rows}, images, {v.image_size}, "
+                     f"{v.image_size}, 3]")
+  valid_BxI = np.ones(shape[:2], bool) if image_valid is None else np.asarray(image_valid, bool)
+  if valid_BxI.shape != shape[:2]:
+    raise ValueError(f"image_valid has shape {valid_BxI.shape}, expected {shape[:2]}")
+  per_image = (v.image_size // v.patch_size) ** 2
+  placeholders_B = np.asarray(image_mask_BxT, bool).sum(axis=1)
+  wanted_B = valid_BxI.sum(axis=1) * per_image
+  bad = np.flatnonzero(placeholders_B != wanted_B)
+  if bad.size:
+    r = int(bad[0])
+    raise ValueError(f"row {r}: image_mask marks {placeholders_B[r]} placeholder tokens but its "
+                     f"{wanted_B[r] // per_image} image(s) fill {wanted_B[r]} ({per_image} each)")
+
+
 def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, *, rng: jax.Array,
                   max_new_tokens: int, eos_id: int, settings: Sampler = GREEDY,
                   image_mask_BxT=None, pixels=None, image_valid=None,
@@ -333,6 +368,7 @@ def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, 
   length = token_loop.plan_length(model, ids_BxT.shape[1], max_new_tokens)
   ids_BxT = token_loop.left_pad(np.where(valid_BxT, ids_BxT, 0), length, 0).astype(np.int32)
   valid_BxT = token_loop.left_pad(valid_BxT, length, False)
+  _check_images(model, valid_BxT.shape[0], image_mask_BxT, pixels, image_valid)
   if pixels is not None:
     image_mask_BxT = token_loop.left_pad(np.asarray(image_mask_BxT).astype(bool), length, False)
     pixels = np.asarray(pixels, np.float32)

@@ -64,6 +64,30 @@ _PREEMPTION_WORKER = textwrap.dedent("""
 """)
 
 
+_VQ_WORKER = textwrap.dedent("""
+    import sys
+    import jax, jax.numpy as jnp, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid, repo = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    sys.path.insert(0, repo + "/tests")
+    from janus_jax import sharding, train_support as support
+    from janus_jax.models import janus as janus_lib
+    from test_model_shapes import load_config
+    model = janus_lib.build(load_config("tiny").model)
+    host = janus_lib.init_params_host(model, 0)
+    mesh = sharding.make_mesh((1, 2, 1))  # fsdp spans the two hosts
+    shardings = sharding.param_shardings(janus_lib.abstract_params(model), mesh)
+    params = jax.tree.map(lambda x, s: jax.make_array_from_callback(x.shape, s, lambda i: x[i]),
+                          host, shardings)
+    pixels = np.random.default_rng(pid).uniform(-1, 1, (3, 8, 8, 3)).astype(np.float32)
+    ids = support.make_vq_encoder(model, params)(pixels)
+    alone = jax.jit(lambda p, x: model.apply({"params": p}, x, method=janus_lib.Janus.vq_encode))(
+        {"generation_tokenizer": host["generation_tokenizer"]}, jnp.asarray(pixels))
+    print("RESULT", bool(np.array_equal(ids, np.asarray(alone))), flush=True)
+""")
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -124,3 +148,10 @@ def test_a_sigterm_on_one_host_stops_every_host_at_the_same_step():
   must agree on the step, or one would wait in the save while another runs the next step."""
   steps = [int(r) for r in _run_pair(_PREEMPTION_WORKER)]
   assert steps[0] == steps[1] >= 20, steps
+
+
+def test_each_host_vq_encodes_its_own_images():
+  """The data pipeline's VQ encoder on a mesh whose fsdp axis spans hosts: each host's ids are
+  those of its own pixels (a global computation would mix the hosts' images)."""
+  repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  assert _run_pair(_VQ_WORKER, repo) == ["True", "True"]

@@ -364,6 +364,31 @@ def test_right_padded_prompts_are_refused(setup):
     sampling.Sampler(temperature=float("nan"))
 
 
+def test_inconsistent_inputs_are_refused(setup):
+  _, model, params = setup
+  ids, valid = _t2i_prompts()
+  key = jax.random.key(0)
+  with pytest.raises(ValueError, match=r"pad_id = 100000 is outside the vocabulary \[0, 256\)"):
+    sampling.generate_image_tokens(model, params, ids, valid, rng=key, pad_id=100000)
+  with pytest.raises(ValueError, match="images_per_prompt = 0 must be at least 1"):
+    sampling.generate_image_tokens(model, params, ids, valid, rng=key, pad_id=PAD,
+                                   images_per_prompt=0)
+  codebook = model.config.vq.codebook_size
+  with pytest.raises(ValueError, match=rf"ids must lie in \[0, {codebook}\).*got 0 \.\. {codebook}"):
+    sampling.decode_images(model, params, np.array([[0] * 15 + [codebook]]))
+  ids, valid, pixels = _chat_prompts()
+  text = functools.partial(sampling.generate_text, model, params, ids, valid, rng=key,
+                           max_new_tokens=2, eos_id=BOS)
+  with pytest.raises(ValueError, match="together .got only pixels"):
+    text(pixels=pixels)
+  with pytest.raises(ValueError, match="together .got only image_mask_BxT"):
+    text(image_mask_BxT=ids == IMAGE_TOKEN)
+  with pytest.raises(ValueError, match="row 0: image_mask marks 16 .* 2 image.s. fill 32"):
+    text(image_mask_BxT=ids == IMAGE_TOKEN, pixels=np.concatenate([pixels, pixels], axis=1))
+  with pytest.raises(ValueError, match=r"pixels has shape \(2, 1, 16, 16, 3\)"):
+    text(image_mask_BxT=ids == IMAGE_TOKEN, pixels=pixels[:, :, :16, :16])
+
+
 def test_sharded_sampling_equals_single_device(setup):
   """2 x 2 data-parallel shards, 2-way tensor parallel: the same tokens as one device."""
   _, model, params = setup
