@@ -95,8 +95,10 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
     print(f"resuming {name} from step {start}")
   else:
     params = support.initial_params(config, model, name, carried_params, state_shardings.params, mesh)
+    # Donated: the state takes over the params' buffers instead of holding a second copy.
     state = jax.jit(lambda p, rng: training.init_state(optimizer, p, trainable, rng),
-                    out_shardings=state_shardings)(params, jax.random.key(config.seed))
+                    out_shardings=state_shardings, donate_argnums=0)(params, jax.random.key(config.seed))
+    del params, carried_params
     start, data_state = 0, None
   if start >= stage.steps:
     manager.close()

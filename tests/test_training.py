@@ -322,3 +322,20 @@ def test_image_label_smoothing_smooths_only_image_targets_and_is_checked():
     bad.stages.stage3.image_label_smoothing = value
     with pytest.raises(ValueError, match=rf"stage3.image_label_smoothing = {value}: need 0 <= eps"):
       support.check_stage(bad, "stage3", mesh)
+
+
+def test_a_large_parameter_the_mesh_cannot_split_is_reported(caplog):
+  """Replicating a big weight because its dimension does not divide the mesh costs memory on
+  every device: param_shardings falls back, and says so for big leaves only."""
+  import logging
+
+  import flax.linen as nn
+
+  mesh = sharding.make_mesh((1, 8, 1))
+  big = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((12, 1 << 21), jnp.float32), ("embed", None))
+  small = nn.LogicallyPartitioned(jax.ShapeDtypeStruct((12, 4), jnp.float32), ("embed", None))
+  with caplog.at_level(logging.WARNING):
+    out = sharding.param_shardings({"big": big, "small": small}, mesh)
+  assert out["big"].spec == out["small"].spec == jax.sharding.PartitionSpec(None, None)
+  assert "['big'] (12, 2097152): dimension 0 (12) is not divisible" in caplog.text
+  assert "small" not in caplog.text
