@@ -48,6 +48,8 @@ class CheckpointManager:
       try:
         out = self._manager.restore(s, args=ocp.args.Composite(
             **{STATE: ocp.args.StandardRestore(abstract_state), DATA: ocp.args.JsonRestore()}))
+      except MemoryError:  # the host, not the step, is at fault: never roll back over it
+        raise
       except Exception as e:  # noqa: BLE001 - any failure to read a step means: try the previous
         if step is not None or i == len(steps) - 1:
           raise RuntimeError(f"{self.directory}: cannot restore step {s}: {e}") from e

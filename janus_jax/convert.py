@@ -13,6 +13,7 @@ Scanned stacks (LLM and vision layers) carry a leading `layers` axis; their keys
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import pickle
@@ -178,13 +179,30 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: janus
 
 def hf_state_dict_from_params(params: Any) -> dict[str, np.ndarray]:
   """The inverse: a `transformers`-format state dict (numpy, our param dtype)."""
+  return {k: tensor() for k, tensor in hf_tensors(params).items()}
+
+
+def hf_tensors(params: Any, dtype: str | None = None) -> dict[str, Callable[..., Any]]:
+  """The `transformers`-format tensors as callables, each fetching and converting one tensor
+  when called (`meta=True`: its (shape, dtype) only), for torch_io.write_safetensors: an export
+  then holds the params plus one tensor, not a second copy of the model. dtype: cast to it."""
   out = {}
   for path, value in flax.traverse_util.flatten_dict(nn.unbox(params)).items():
     key, stacked = hf_key(path)
-    value = np.asarray(jax.device_get(value))
-    items = [(key.format(i=i), value[i]) for i in range(value.shape[0])] if stacked else [(key, value)]
-    for k, v in items:
-      out[k] = jax_to_torch(v, _kind(path), path)
+    kind, target = _kind(path), np.dtype(janus_lib._dtype(dtype) if dtype else value.dtype)
+    shape = tuple(value.shape[1:] if stacked else value.shape)
+
+    def tensor(meta: bool = False, value=value, index=None, kind=kind, path=path, shape=shape,
+               target=target):
+      if meta:
+        return _torch_shape(shape, kind, path), target
+      part = value if index is None else value[index]
+      return jax_to_torch(np.asarray(jax.device_get(part)).astype(target), kind, path)
+    if stacked:
+      for i in range(value.shape[0]):
+        out[key.format(i=i)] = functools.partial(tensor, index=i)
+    else:
+      out[key] = tensor
   return out
 
 
@@ -355,8 +373,11 @@ def convert_checkpoint(src: str, dst: str, dtype: str = "bfloat16", overwrite: b
                              os.path.abspath(src), overwrite)
 
 
-def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False) -> None:
-  """A converted (or trained) directory -> `transformers`-format model.safetensors + config.json."""
+def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False, dtype: str | None = None) -> None:
+  """A converted (or trained) directory -> `transformers`-format model.safetensors + config.json.
+
+  dtype: the exported tensors' dtype (default: the params'). Tensors are fetched and written one
+  at a time."""
   from janus_jax import pretrained, torch_io
 
   pretrained.check_destination(out, overwrite, keep=(ckpt,))
@@ -371,7 +392,7 @@ def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False) -> None:
   except (FileNotFoundError, KeyError, ValueError):
     pass
   with pretrained.atomic_directory(out, overwrite, keep=(ckpt,)) as tmp:
-    state = hf_state_dict_from_params(jax.device_get(loaded.params))
+    state = hf_tensors(loaded.params, dtype)
     torch_io.write_safetensors(os.path.join(tmp, "model.safetensors"), state)
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config_dict(loaded.config, image_token_id, token_ids), f, indent=2)
@@ -385,18 +406,22 @@ def main(argv: list[str] | None = None) -> int:
                   "transformers format) to a janus_jax directory, or back with --to-pytorch.")
   parser.add_argument("src", help="PyTorch checkpoint directory (or, with --to-pytorch, a janus_jax one)")
   parser.add_argument("dst", help="output directory (written atomically)")
-  parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16")
+  parser.add_argument("--dtype", choices=("bfloat16", "float32"), default=None,
+                      help="params dtype (default bfloat16; with --to-pytorch: as stored)")
   parser.add_argument("--overwrite", action="store_true", help="replace an existing dst")
   parser.add_argument("--to-pytorch", action="store_true",
                       help="export a janus_jax directory to transformers-format safetensors")
   parser.add_argument("--family", choices=("janus", "janus_pro"), default=None,
                       help="prompt template family (default: detected from the tokenizer files)")
   args = parser.parse_args(argv)
+  if args.to_pytorch and args.family:
+    parser.error("--family has no effect with --to-pytorch (the template travels with the "
+                 "tokenizer files)")
   try:
     if args.to_pytorch:
-      export_to_pytorch(args.src, args.dst, args.overwrite)
+      export_to_pytorch(args.src, args.dst, args.overwrite, args.dtype)
     else:
-      convert_checkpoint(args.src, args.dst, args.dtype, args.overwrite, args.family)
+      convert_checkpoint(args.src, args.dst, args.dtype or "bfloat16", args.overwrite, args.family)
   except (OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 1

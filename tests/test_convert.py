@@ -114,6 +114,15 @@ def test_original_to_jax_to_transformers_is_bit_exact(tmp_path, hf_model):
   assert set(got) == set(ref)
   for key in ref:
     assert torch.equal(got[key], ref[key]), key
+  # --dtype casts the export; --family belongs to the import.
+  out16 = str(tmp_path / "exported16")
+  assert convert.main([jax_dir, out16, "--to-pytorch", "--dtype", "bfloat16"]) == 0
+  from safetensors.torch import load_file
+  half = load_file(os.path.join(out16, "model.safetensors"))
+  assert set(half) == set(ref) and all(t.dtype == torch.bfloat16 for t in half.values())
+  assert torch.equal(half["lm_head.weight"], ref["lm_head.weight"].to(torch.bfloat16))
+  with pytest.raises(SystemExit):
+    convert.main([jax_dir, str(tmp_path / "x"), "--to-pytorch", "--family", "janus"])
 
 
 def _expect_failure(tmp_path, src, match):
