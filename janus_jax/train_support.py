@@ -227,22 +227,23 @@ def make_vq_encoder(model: janus_lib.Janus, params: Any,
                     compiler_options: dict[str, Any] | None = None):
   """pixels [n, H, W, 3] in [-1, 1] -> VQ ids [n, h*w], jitted, with the frozen VQ params.
 
-  Each host encodes its own examples. With one process the params stay sharded over the local
-  devices (a copy: the train state, and so its VQ buffers, is donated to every step). With
-  several, a computation over global arrays would treat every host's pixels as one replicated
-  input (and call collectives a different number of times per host), so the VQ params are
-  gathered once and each host encodes on its first local device alone.
+  Each host encodes its own examples on its first local device, with its own copy of the VQ
+  params (gathered once; the train state's buffers are donated to every step anyway). So the
+  encoder has no collectives: it runs in the data pipeline's prefetch thread (batch_prefetch)
+  beside the train step without contending for the devices' collective order, and on several
+  hosts each encodes its own pixels (over global arrays, a host's pixels would be taken as one
+  replicated input, mixing the hosts' images).
   """
   apply = lambda p, x: model.apply({"params": p}, x, method=janus_lib.Janus.vq_encode)  # noqa: E731
   encode = jax.jit(apply, compiler_options=compiler_options or None)
-  if jax.process_count() == 1:
-    vq_params = {"generation_tokenizer": jax.tree.map(jnp.copy, params["generation_tokenizer"])}
-    return lambda pixels: np.asarray(encode(vq_params, jnp.asarray(pixels, jnp.float32)))
-  from jax.experimental import multihost_utils
+  vq = params["generation_tokenizer"]
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
 
+    vq = multihost_utils.process_allgather(vq, tiled=True)
   device = jax.local_devices()[0]
-  gathered = multihost_utils.process_allgather(params["generation_tokenizer"], tiled=True)
-  vq_params = jax.device_put({"generation_tokenizer": gathered}, device)
+  # Copied after the move: on one device device_put may hand back the state's own buffers.
+  vq_params = {"generation_tokenizer": jax.tree.map(jnp.copy, jax.device_put(vq, device))}
   return lambda pixels: np.asarray(
       encode(vq_params, jax.device_put(np.asarray(pixels, np.float32), device)))
 

@@ -27,6 +27,8 @@ Data config (`default_config()`; missing fields take these defaults):
   image_codebook_size 0      the VQ's codebook size: stored VQ ids (pretokenized_key) at or above
                              it are refused, naming the dataset; 0 = unchecked
   read_threads 4, prefetch 16   grain ReadOptions per source (0 threads: read inline)
+  batch_prefetch 2           batches made ahead in a background thread (mixing, VQ encoding,
+                             packing, batching overlap the train step); 0 = in the caller
   sources.{understanding,text,generation}: each
     name       tfds name ("image_captions/cc", "mnist", ...), read from data_dir
     split      "train" (any tfds split string)
@@ -84,7 +86,8 @@ def default_config() -> ml_collections.ConfigDict:
       "caption_prompt": "Describe this image in detail.", "und_max_shift": 0,
       "und_max_rotation": 0.0, "und_max_scale": 0.0, "shuffle": True,
       "vq_batch": 16, "image_codebook_size": 0,
-      "read_threads": 4, "prefetch": 16, "sources": ml_collections.ConfigDict()})
+      "read_threads": 4, "prefetch": 16, "batch_prefetch": 2,
+      "sources": ml_collections.ConfigDict()})
 
 
 def source_config(name: str, split: str = "train", data_dir: str | None = None,
@@ -364,6 +367,9 @@ def make_dataset(data_config: Any, tokenizer: Tokenizer, family: str, *, seed: i
       image_size=layout.image_size, pad_id=tokenizer.pad_id,
       placeholder_id=tokenizer.image_placeholder_id)
   ds = ds.batch(batch_size, drop_remainder=True)
+  ahead = int(_get(c, "batch_prefetch", 2))
+  if ahead > 0:  # its get_state is the state after the batches handed out, not those made ahead
+    ds = grain.experimental.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=ahead)
   return grain.experimental.WithOptionsIterDataset(
       ds, grain.experimental.DatasetOptions(filter_raise_threshold_ratio=_MAX_DROP_RATIO))
 
