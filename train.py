@@ -151,6 +151,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   finally:
     manager.close()
     logger.close()
+    data.close()  # stops the prefetch thread, which would otherwise hold its batches
   if step < stage.steps:
     print(f"stopped {name} at step {step} with a checkpoint; run again to resume")
     return None

@@ -185,9 +185,12 @@ def initial_params(config, model, name: str, carried: Any, param_shardings: Any,
     return pretrained.restore_params(source, model, mesh)
   print(f"{name} starts from random parameters (seed {config.seed})")
   if previous:  # running a later stage alone: say loudly that it is not continuing the table
+    checkpoints = os.path.join(config.workdir, previous)
+    hint = (f" ({checkpoints} holds {previous}'s checkpoints: running {previous} again resumes "
+            "from them and exports it)" if os.path.isdir(checkpoints) else "")
     logging.warning("%s starts from random parameters: no export of %s at %s and no "
-                    "config.init_from; run %s first or pass --config.init_from=DIR",
-                    name, previous, export, previous)
+                    "config.init_from; run %s first or pass --config.init_from=DIR%s",
+                    name, previous, export, previous, hint)
   if training.count_params(janus_lib.abstract_params(model)) < HOST_INIT_MAX_PARAMS:
     params = janus_lib.init_params_host(model, config.seed)
   else:
