@@ -72,9 +72,10 @@ OUTPUT_MARKER = ".janus_jax_output"
 
 
 def _ours(directory: str) -> bool:
-  """Empty, or written by this library (the marker; before it, a converted directory)."""
+  """Empty, or written by this library (the marker; before it, a converted directory or a
+  stage-0 output: params/ beside metrics.json)."""
   names = os.listdir(directory)
-  if not names or OUTPUT_MARKER in names:
+  if not names or OUTPUT_MARKER in names or {CONVERTED_MARKER, "metrics.json"} <= set(names):
     return True
   try:
     with open(os.path.join(directory, "config.json")) as f:
