@@ -15,12 +15,31 @@ from data_fixtures import (CAPTIONS, CHATS, FAMILY, N_GEN, N_UND, SIZE, TEXT_LIN
 from PIL import Image
 
 from janus_jax import processing
-from janus_jax.data import DatasetError, builders, make_pipeline, transforms
+from janus_jax.data import DatasetError, builders, transforms
+from janus_jax.data import make_pipeline as _make_pipeline
 from janus_jax.tokenizer import EOS_TOKEN, IMAGE_END_TAG, IMAGE_START_TAG, IMAGE_TAG
 
 BOS = "<｜begin▁of▁sentence｜>"
 KEYS = {"input_ids", "image_token_mask", "image_mask", "pixels", "image_valid", "targets",
         "target_is_image", "loss_mask", "segment_ids", "positions", "task"}
+
+
+_OPEN_ITERATORS = []
+
+
+def make_pipeline(*args, **kwargs):
+  """janus_jax.data.make_pipeline, closed after the test (its prefetch thread holds a cycle that
+  grain's __del__ cannot close from inside that thread)."""
+  it = _make_pipeline(*args, **kwargs)
+  _OPEN_ITERATORS.append(it)
+  return it
+
+
+@pytest.fixture(autouse=True)
+def _close_iterators():
+  yield
+  while _OPEN_ITERATORS:
+    _OPEN_ITERATORS.pop().close()
 
 
 @dataclasses.dataclass

@@ -114,6 +114,7 @@ def test_pipeline_reads_the_built_datasets(built):
   it = pipeline.make_pipeline(c, tok, "janus_pro", seed=0, mixture=(1, 1, 1), batch_size=4,
                               image_tokenizer=lambda x: np.full((len(x), 16), 7, np.int32))
   batches = [next(it) for _ in range(3)]
+  it.close()  # stops the prefetch thread
   assert batches[0]["input_ids"].shape == (4, 96)
   assert batches[0]["pixels"].shape == (4, 2, 32, 32, 3)
   tasks = set(np.concatenate([b["task"][b["segment_ids"] > 0] for b in batches]).tolist())

@@ -5,6 +5,7 @@
                        shard_index=jax.process_index(), shard_count=jax.process_count())
     batch = next(it)          # dict of numpy arrays, the layout below
     state = it.get_state()    # JSON-able; it.set_state(state) resumes exactly
+    it.close()                # when done: stops the batch_prefetch thread
     # or with orbax: grain.checkpoint.CheckpointSave(it) / CheckpointRestore(it)
 
 Data config (`default_config()`; missing fields take these defaults):
