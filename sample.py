@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import glob
 import json
 import math
 import os
+import re
 import sys
 import time
 
@@ -90,8 +90,8 @@ def _settings(c) -> tuple[dict, sampling.Sampler, sampling.Sampler]:
                          "top_k >= 0, 0 < top_p <= 1") from None
   if not math.isfinite(s["cfg_weight"]):
     raise app.UsageError(f"--cfg={s['cfg_weight']}: the guidance weight must be finite")
-  if not -2**63 <= s["seed"] < 2**63:
-    raise app.UsageError(f"--seed={s['seed']}: must fit in 64 bits (signed)")
+  if not 0 <= s["seed"] < 2**32:  # jax.random.key keeps only 32 bits without x64
+    raise app.UsageError(f"--seed={s['seed']}: must be in [0, 2**32)")
   if c.dtype not in ("", "bfloat16", "float32"):
     raise app.UsageError(f"--config.dtype={c.dtype!r}: expected '' (as stored), 'bfloat16' or "
                          "'float32'")
@@ -100,12 +100,12 @@ def _settings(c) -> tuple[dict, sampling.Sampler, sampling.Sampler]:
   return s, image_sampler, answer_sampler
 
 
-# What a text-to-image run writes into --out (and what --overwrite replaces).
-OUTPUT_PATTERNS = ("prompt*_*.png", "grid.png", "samples.json")
+# The names a text-to-image run writes into --out (and all that --overwrite removes).
+OUTPUT_NAMES = re.compile(r"prompt\d+_\d+\.png|grid\.png|samples\.json")
 
 
 def _earlier_outputs(out: str) -> list[str]:
-  return sorted(p for pattern in OUTPUT_PATTERNS for p in glob.glob(os.path.join(out, pattern)))
+  return sorted(os.path.join(out, name) for name in os.listdir(out) if OUTPUT_NAMES.fullmatch(name))
 
 
 def _check_out(out: str, overwrite: bool) -> None:

@@ -85,8 +85,9 @@ def _ours(directory: str) -> bool:
 
 
 def _check_replaceable(dst: str, keep: tuple[str, ...]) -> None:
-  for path in map(os.path.abspath, keep):
-    if os.path.commonpath([dst, path]) == dst:
+  real_dst = os.path.realpath(dst)  # an input reached through a symlink into dst counts too
+  for path in keep:
+    if os.path.commonpath([real_dst, os.path.realpath(path)]) == real_dst:
       raise ValueError(f"refusing to write {dst}: it is (or contains) the input {path}")
   if not os.path.isdir(dst):
     raise FileExistsError(f"{dst} exists and is not a directory; remove it or choose another")
@@ -97,8 +98,14 @@ def _check_replaceable(dst: str, keep: tuple[str, ...]) -> None:
 
 
 def _umask_mode() -> int:
-  mask = os.umask(0)
-  os.umask(mask)
+  """0o777 less the process umask, read without setting it (os.umask would, for a moment, for
+  every thread)."""
+  try:
+    with open("/proc/self/status") as f:
+      mask = next(int(line.split()[1], 8) for line in f if line.startswith("Umask:"))
+  except (OSError, StopIteration, ValueError):
+    mask = os.umask(0o022)
+    os.umask(mask)
   return 0o777 & ~mask
 
 

@@ -243,7 +243,10 @@ def make_vq_encoder(model: janus_lib.Janus, params: Any,
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils
 
-    vq = multihost_utils.process_allgather(vq, tiled=True)
+    # Only arrays spanning hosts are gathered: numpy (a stage-0 VQ) or host-local leaves are
+    # whole already, and process_allgather would stack every host's copy.
+    vq = jax.tree.map(lambda x: multihost_utils.process_allgather(x, tiled=True)
+                      if isinstance(x, jax.Array) and not x.is_fully_addressable else x, vq)
   device = jax.local_devices()[0]
   # Copied after the move: on one device device_put may hand back the state's own buffers.
   vq_params = {"generation_tokenizer": jax.tree.map(jnp.copy, jax.device_put(vq, device))}

@@ -241,6 +241,12 @@ def test_overwrite_replaces_only_janus_jax_outputs(tmp_path, hf_model, monkeypat
     with pytest.raises(ValueError, match=r"contains\) the input"):
       convert.convert_checkpoint(src, dst, "float32", overwrite=True)
   assert sorted(os.listdir(src)) == before
+  # ... also when the input is reached through a symlink.
+  link = tmp_path / "link_to_src"
+  link.symlink_to(src)
+  with pytest.raises(ValueError, match=r"contains\) the input"):
+    convert.convert_checkpoint(str(link), str(tmp_path / "models"), "float32", overwrite=True)
+  assert sorted(os.listdir(src)) == before
   # A folder of someone's files.
   theirs = tmp_path / "theirs"
   theirs.mkdir()

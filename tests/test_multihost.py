@@ -84,7 +84,11 @@ _VQ_WORKER = textwrap.dedent("""
     ids = support.make_vq_encoder(model, params)(pixels)
     alone = jax.jit(lambda p, x: model.apply({"params": p}, x, method=janus_lib.Janus.vq_encode))(
         {"generation_tokenizer": host["generation_tokenizer"]}, jnp.asarray(pixels))
-    print("RESULT", bool(np.array_equal(ids, np.asarray(alone))), flush=True)
+    # A stage-0 VQ comes as host numpy arrays, whole on every host: nothing to gather.
+    as_numpy = {**params, "generation_tokenizer": host["generation_tokenizer"]}
+    ids_numpy = support.make_vq_encoder(model, as_numpy)(pixels)
+    print("RESULT", bool(np.array_equal(ids, np.asarray(alone))
+                         and np.array_equal(ids_numpy, np.asarray(alone))), flush=True)
 """)
 
 

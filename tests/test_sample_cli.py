@@ -33,7 +33,7 @@ def test_sample_cli_generates_images_and_answers(tmp_path):
   assert convert.main([str(src), str(ckpt), "--dtype", "float32"]) == 0
   digit = tmp_path / "digit.png"
   Image.fromarray(np.random.default_rng(0).integers(0, 255, (28, 28), np.uint8)).save(digit)
-  out = tmp_path / "samples"
+  out = tmp_path / "samples[1]"  # glob characters: the earlier-run check must not read them
   env = {**os.environ, "XLA_FLAGS": "", "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
       [sys.executable, str(REPO / "sample.py"), f"--checkpoint={ckpt}", "--prompt=a red cube",
@@ -58,10 +58,11 @@ def test_sample_cli_generates_images_and_answers(tmp_path):
   proc = subprocess.run(second, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
   assert proc.returncode != 0 and "holds an earlier run's outputs" in proc.stderr
   assert "loading" not in proc.stderr
+  (out / "prompt_ideas.png").write_text("the user's file, not a sample")
   proc = subprocess.run(second + ["--overwrite"], capture_output=True, text=True, env=env,
                         cwd=tmp_path, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert sorted(os.listdir(out)) == ["grid.png", "prompt0_0.png", "samples.json"]
+  assert sorted(os.listdir(out)) == ["grid.png", "prompt0_0.png", "prompt_ideas.png", "samples.json"]
   assert json.loads((out / "samples.json").read_text())["prompts"] == ["a dog"]
 
 
@@ -79,7 +80,7 @@ def test_sample_cli_explains_a_missing_checkpoint(tmp_path):
     (["--image=notes.png", "--question=q"], "--image 'notes.png': not a readable image"),
     (["--prompt=x", "--top_p=0"], "need temperature >= 0, top_k >= 0, 0 < top_p <= 1"),
     (["--prompt=x", "--cfg=nan"], "--cfg=nan: the guidance weight must be finite"),
-    (["--prompt=x", "--seed=18446744073709551616"], "must fit in 64 bits"),
+    (["--prompt=x", "--seed=4294967296"], "--seed=4294967296: must be in [0, 2**32)"),
     (["--prompt=x", "--config.dtype=bf16"], "--config.dtype='bf16': expected"),
     (["--image=notes.png", "--question=q", "--config.answer_temperature=-1"],
      "--config.answer_temperature=-1"),
