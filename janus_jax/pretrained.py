@@ -12,7 +12,9 @@ import contextlib
 import dataclasses
 import json
 import os
+import re
 import shutil
+import socket
 import tempfile
 from typing import Any
 
@@ -120,6 +122,50 @@ def check_destination(dst: str, overwrite: bool, keep: tuple[str, ...] = ()) -> 
   return dst
 
 
+def _owner_tag() -> str:
+  """host-pid, in the names of this process's temporary siblings (`_clear_leftovers`)."""
+  host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+  return f"{host}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # someone else's live process
+    return True
+  return True
+
+
+def _clear_leftovers(dst: str) -> None:
+  """Removes the siblings of dst that a killed writer on this host left (kill -9, power loss).
+
+  Only names atomic_directory makes for this dst, tagged with this host and a pid no longer
+  alive, are touched (a live or other-host writer may still be filling its own). A writer
+  killed between its two renames left the previous dst in `.old-*/x` and no dst: it is put
+  back, not deleted."""
+  parent, base = os.path.split(dst)
+  host = _owner_tag().rsplit("-", 1)[0]
+  pattern = re.compile(rf"\.{re.escape(base)}\.(tmp|old)-{re.escape(host)}-(\d+)-[A-Za-z0-9_]+")
+  try:
+    names = os.listdir(parent)
+  except FileNotFoundError:
+    return
+  for name in sorted(names, key=lambda n: ".old-" not in n):  # restores before removals
+    match = pattern.fullmatch(name)
+    if not match or _alive(int(match.group(2))):
+      continue
+    path = os.path.join(parent, name)
+    if match.group(1) == "old" and not os.path.lexists(dst) and os.path.isdir(os.path.join(path, "x")):
+      os.rename(os.path.join(path, "x"), dst)
+      print(f"restored {dst} from {path}, left by a writer that was killed mid-replace")
+    elif match.group(1) == "tmp" and os.listdir(path) and not os.path.exists(
+        os.path.join(path, OUTPUT_MARKER)):
+      continue  # neither empty nor marked: not atomic_directory's, leave it
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(dst: str, overwrite: bool = True, keep: tuple[str, ...] = ()):
   """Yields a temporary sibling of dst to fill; on success it replaces dst in one rename, on any
@@ -129,6 +175,8 @@ def atomic_directory(dst: str, overwrite: bool = True, keep: tuple[str, ...] = (
   it (OUTPUT_MARKER), and never when it is or contains one of the `keep` paths (the inputs).
   With several processes (multi-host), every process gets the same temporary path (orbax's
   collective save needs one), and only process 0 creates, renames or removes it."""
+  if jax.process_count() == 1:
+    _clear_leftovers(os.path.abspath(dst))
   dst = check_destination(dst, overwrite, keep)
   parent = os.path.dirname(dst)
   primary = jax.process_index() == 0
@@ -140,7 +188,7 @@ def atomic_directory(dst: str, overwrite: bool = True, keep: tuple[str, ...] = (
     _sync(f"{tmp} created")
   else:
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-", dir=parent)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.tmp-{_owner_tag()}-", dir=parent)
   try:
     if primary:
       os.chmod(tmp, _umask_mode())  # mkdtemp's 0700 would survive the rename
@@ -148,7 +196,7 @@ def atomic_directory(dst: str, overwrite: bool = True, keep: tuple[str, ...] = (
     yield tmp
     _sync(f"{tmp} written")
     if primary and os.path.exists(dst):
-      old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-", dir=parent)
+      old = tempfile.mkdtemp(prefix=f".{os.path.basename(dst)}.old-{_owner_tag()}-", dir=parent)
       try:
         os.rename(dst, os.path.join(old, "x"))
       except BaseException:

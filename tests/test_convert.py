@@ -6,6 +6,8 @@ import functools
 import json
 import os
 import pickle
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -539,3 +541,68 @@ def test_restoring_params_of_another_size_names_the_parameter(tmp_path, hf_model
   with pytest.raises(ValueError, match=r"parameter llm/decoder/layers/mlp/\w+_proj/kernel is "
                                        r"stored with shape"):
     pretrained.restore_params(dst, janus_lib.build(bigger))
+
+
+_KILLED_WRITER = r"""
+import os, sys, time
+from janus_jax import pretrained
+dst, between_renames = sys.argv[1], sys.argv[2] == "1"
+real_rename = os.rename
+def stalled_rename(a, b):
+  if b == dst and ".tmp-" in a:  # the new directory's rename into place: stop here
+    print("ready", flush=True)
+    time.sleep(600)
+  real_rename(a, b)
+os.rename = stalled_rename
+with pretrained.atomic_directory(dst) as tmp:
+  with open(os.path.join(tmp, "weights"), "w") as f:
+    f.write("new")
+  if not between_renames:
+    print("ready", flush=True)
+    time.sleep(600)
+"""
+
+
+def _kill_a_writer(dst: str, between_renames: bool) -> None:
+  """Starts a process writing dst through atomic_directory and kill -9s it at the given point."""
+  proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, dst, str(int(between_renames))],
+                          stdout=subprocess.PIPE, text=True)
+  try:
+    assert proc.stdout.readline().strip() == "ready"
+  finally:
+    proc.kill()
+    proc.wait()
+
+
+def _write_dir(dst: str, text: str, overwrite: bool = True) -> None:
+  with pretrained.atomic_directory(dst, overwrite) as tmp:
+    with open(os.path.join(tmp, "weights"), "w") as f:
+      f.write(text)
+
+
+def test_leftovers_of_a_killed_writer_are_cleared_and_a_hidden_good_output_put_back(tmp_path):
+  dst = str(tmp_path / "out")
+  _write_dir(dst, "good")
+  # Killed while filling its temporary sibling: dst untouched, the sibling left behind.
+  _kill_a_writer(dst, between_renames=False)
+  assert [n for n in os.listdir(tmp_path) if n.startswith(".out.tmp-")]
+  # A live writer's sibling (this process's tag) stays.
+  live = tmp_path / f".out.tmp-{pretrained._owner_tag()}-abcd1234"
+  live.mkdir()
+  (live / pretrained.OUTPUT_MARKER).touch()
+  with pytest.raises(FileExistsError, match="pass --overwrite"):
+    _write_dir(dst, "refused", overwrite=False)
+  assert sorted(os.listdir(tmp_path)) == sorted([live.name, "out"])  # the dead one's is gone
+  assert open(os.path.join(dst, "weights")).read() == "good"
+  live.rename(tmp_path / "live_writer_was_kept")
+  # Killed between its two renames: the previous output sits hidden in .out.old-*/x, and no dst.
+  _kill_a_writer(dst, between_renames=True)
+  assert not os.path.exists(dst)
+  assert [n for n in os.listdir(tmp_path) if n.startswith(".out.old-")]
+  # The next writer puts it back first, so without --overwrite it refuses, and nothing is lost.
+  with pytest.raises(FileExistsError, match="pass --overwrite"):
+    _write_dir(dst, "refused", overwrite=False)
+  assert open(os.path.join(dst, "weights")).read() == "good"
+  assert sorted(os.listdir(tmp_path)) == ["live_writer_was_kept", "out"]
+  _write_dir(dst, "newer")
+  assert open(os.path.join(dst, "weights")).read() == "newer"
