@@ -26,6 +26,7 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from janus_jax import load_pretrained, sampling
+from janus_jax.tokenizer import IMAGE_TAG
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "sample.py"),
@@ -189,6 +190,8 @@ def _check_image(path: str) -> None:
   try:
     with Image.open(path) as image:
       image.verify()
+    with Image.open(path) as image:  # verify() does not decode the data: a cut JPEG passes it
+      image.load()
   except (UnidentifiedImageError, OSError, SyntaxError) as e:
     raise app.UsageError(f"--image {path!r}: not a readable image ({e})") from None
 
@@ -206,6 +209,9 @@ def main(argv) -> None:
     raise app.UsageError("--image needs --question")
   if _IMAGE.value:
     _check_image(_IMAGE.value)
+    if IMAGE_TAG in _QUESTION.value:  # the template adds the one tag --image fills
+      raise app.UsageError(f"--question contains {IMAGE_TAG}: the prompt gets one for --image; "
+                           "remove it from the question")
   if _PROMPT.value and not s["num_images"] >= 1:
     raise app.UsageError(f"--num_images={s['num_images']}: need at least 1 image per prompt")
   if _PROMPT.value:

@@ -58,6 +58,8 @@ def preprocess_image(image: Any, image_size: int = 384,
   """
   img = to_rgb(image)
   w, h = img.size
+  if w <= 0 or h <= 0:  # as the reference's resize ("Invalid size!")
+    raise ValueError(f"image of size {w}x{h}: both sides must be positive")
   m = max(w, h)
   new_w = max(int(w / m * image_size), min_size)
   new_h = max(int(h / m * image_size), min_size)
@@ -151,6 +153,8 @@ def left_pad(rows: Sequence[Sequence[int]], pad_id: int, pad_to_multiple: int | 
   T is the longest row, rounded up to `pad_to_multiple` (to bound the number of compiled
   shapes) but never above `max_length`; a row longer than `max_length` is an error.
   """
+  if not rows:
+    raise ValueError("no prompts: the batch is empty")
   longest = max(len(r) for r in rows)
   if max_length is not None and longest > max_length:
     which = max(range(len(rows)), key=lambda b: len(rows[b]))

@@ -199,6 +199,7 @@ def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_vali
   """
   ids_BxT = np.asarray(prompt_ids_BxT)
   valid_BxT = np.asarray(prompt_valid_BxT, bool)
+  _check_same_shape(ids_BxT, prompt_valid=valid_BxT)
   if not valid_BxT[:, -1].all():
     raise ValueError("prompts must be left-padded: the last column (<begin_of_image>) must be real")
   vocab = model.config.llm.vocab_size
@@ -319,6 +320,16 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
   return tokens_BxN, lengths_B.astype(jnp.int32)
 
 
+def _check_same_shape(ids_BxT: np.ndarray, **masks: np.ndarray | None) -> None:
+  """ids are [B, T] and every given mask has their shape (a mask one column short would be
+  left-padded on its own and land off its tokens)."""
+  if ids_BxT.ndim != 2:
+    raise ValueError(f"input ids have shape {ids_BxT.shape}, expected [batch, length]")
+  for name, mask in masks.items():
+    if mask is not None and mask.shape != ids_BxT.shape:
+      raise ValueError(f"{name} has shape {mask.shape}, but the input ids have {ids_BxT.shape}")
+
+
 def _check_images(model: Janus, rows: int, image_mask_BxT, pixels, image_valid) -> None:
   """The image arguments of generate_text agree: both or neither of mask and pixels, and each
   row's placeholders are exactly its real images' tokens."""
@@ -359,6 +370,8 @@ def generate_text(model: Janus, params: Any, input_ids_BxT, attention_mask_BxT, 
   """
   ids_BxT = np.asarray(input_ids_BxT)
   valid_BxT = np.asarray(attention_mask_BxT).astype(bool)
+  _check_same_shape(ids_BxT, attention_mask=valid_BxT,
+                    image_mask_BxT=None if image_mask_BxT is None else np.asarray(image_mask_BxT))
   if not valid_BxT[:, -1].all():  # prefill reads the last column's logits; the cache assumes it
     raise ValueError("prompts must be left-padded: attention_mask[:, -1] must be 1 in every row "
                      f"(rows {np.flatnonzero(~valid_BxT[:, -1]).tolist()} end in padding)")

@@ -125,13 +125,26 @@ class Tokenizer:
     token_config: dict[str, str | None] = {}
     for name in reversed(_CONFIG_FILES):
       if name in config_files:
-        data = json.loads(config_files[name])
+        try:
+          data = json.loads(config_files[name])
+        except ValueError as e:
+          raise ValueError(f"{file.parent / name}: not valid JSON ({e})") from None
+        if not isinstance(data, dict):
+          raise ValueError(f"{file.parent / name}: expected a JSON object, found "
+                           f"{type(data).__name__}")
         for key in ("bos_token", "eos_token", "pad_token"):
           value = _token_string(data.get(key))
           if value is not None:
             token_config[key] = value
     if file.suffix == ".json":
-      backend = tokenizers.Tokenizer.from_file(str(file))
+      try:
+        backend = tokenizers.Tokenizer.from_file(str(file))
+      except Exception as e:  # tokenizers raises a bare Exception that names no file
+        raise ValueError(f"{file}: not a readable tokenizer.json ({e})") from None
+      # Padding or truncation saved in the file would apply to every encode (transformers
+      # ignores them unless a call asks): prompts would lose <begin_of_image> or gain pads.
+      backend.no_padding()
+      backend.no_truncation()
     else:
       backend = spm.SentencePieceProcessor(model_file=str(file))
     return cls(backend, str(file), token_config, config_files, model_name=file.name)
@@ -268,7 +281,9 @@ class Tokenizer:
     return [self._with_bos(list(r), add_bos) for r in rows]
 
   def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
-    ids = [int(i) for i in ids]
+    # Ids past the tokenizer (the LLM's table is larger: 102400 rows for ~100015 tokens) decode
+    # to nothing, on both backends (tokenizers skips them; sentencepiece would raise).
+    ids = [int(i) for i in ids if 0 <= int(i) < self.vocab_size]
     if not self._is_sp:
       return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
     sp = self._backend

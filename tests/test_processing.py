@@ -204,3 +204,12 @@ def test_chat_batch_multi_turn(tok):
   # The separator after the assistant turn is the EOS token itself on both backends.
   assert f"a1{tk.EOS_TOKEN}{tk.USER_TAG}: and " in text
   assert (batch["input_ids"][0] == tok.eos_id).sum() == 1
+
+
+def test_empty_images_and_batches_are_refused(tok):
+  for image in (Image.new("RGB", (0, 5)), np.zeros((5, 0, 3), np.uint8), np.zeros((0, 0), np.uint8)):
+    with pytest.raises(ValueError, match="both sides must be positive"):
+      P.preprocess_image(image, S)
+  proc = P.Processor(tok, "janus", image_size=S, num_image_tokens=2)
+  with pytest.raises(ValueError, match="no prompts"):
+    proc.generation_batch([])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import pathlib
@@ -85,9 +86,17 @@ def test_sample_cli_explains_a_missing_checkpoint(tmp_path):
     (["--image=notes.png", "--question=q", "--config.answer_temperature=-1"],
      "--config.answer_temperature=-1"),
     (["--prompt=x", "--out=notes.png"], "--out=notes.png: exists and is not a directory"),
+    (["--image=cut.jpg", "--question=q"], "--image 'cut.jpg': not a readable image"),
+    (["--image=whole.jpg", "--question=<image_placeholder> what?"],
+     "--question contains <image_placeholder>"),
 ])
 def test_sample_cli_names_the_bad_flag_before_loading(tmp_path, flags, message):
   (tmp_path / "notes.png").write_text("not an image")
+  jpeg = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(jpeg, "JPEG")
+  (tmp_path / "whole.jpg").write_bytes(jpeg.getvalue())
+  # Half a JPEG passes Image.verify (it does not decode): the check must decode the pixels.
+  (tmp_path / "cut.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
   proc = subprocess.run([sys.executable, str(REPO / "sample.py"), f"--checkpoint={tmp_path}/none",
                          *flags], capture_output=True, text=True, cwd=tmp_path, timeout=300,
                         env={**os.environ, "XLA_FLAGS": ""})

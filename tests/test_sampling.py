@@ -387,6 +387,17 @@ def test_inconsistent_inputs_are_refused(setup):
     text(image_mask_BxT=ids == IMAGE_TOKEN, pixels=np.concatenate([pixels, pixels], axis=1))
   with pytest.raises(ValueError, match=r"pixels has shape \(2, 1, 16, 16, 3\)"):
     text(image_mask_BxT=ids == IMAGE_TOKEN, pixels=pixels[:, :, :16, :16])
+  # A mask one column off its ids would be left-padded on its own and miss the placeholders.
+  t = ids.shape[1]
+  for bad in ((ids == IMAGE_TOKEN)[:, :-1], np.pad(ids == IMAGE_TOKEN, [(0, 0), (0, 1)])):
+    with pytest.raises(ValueError, match=rf"image_mask_BxT has shape \(2, {bad.shape[1]}\), but "
+                                         rf"the input ids have \(2, {t}\)"):
+      text(image_mask_BxT=bad, pixels=pixels)
+  with pytest.raises(ValueError, match=rf"attention_mask has shape \(2, {t - 1}\)"):
+    sampling.generate_text(model, params, ids, valid[:, 1:], rng=key, max_new_tokens=2, eos_id=BOS)
+  t2i_ids, t2i_valid = _t2i_prompts()
+  with pytest.raises(ValueError, match=r"prompt_valid has shape \(2, 1\)"):
+    sampling.generate_image_tokens(model, params, t2i_ids, t2i_valid[:, -1:], rng=key, pad_id=PAD)
 
 
 def test_sharded_sampling_equals_single_device(setup):

@@ -176,3 +176,43 @@ def test_save_round_trip(kind, hf_dir, sp_dir, tmp_path):
   if kind == "hf":
     assert (tmp_path / "tokenizer_config.json").read_bytes() == \
         (hf_dir / "tokenizer_config.json").read_bytes()
+
+
+def test_load_errors_name_the_file(tmp_path):
+  bad_json = tmp_path / "bad_json"
+  bad_json.mkdir()
+  (bad_json / "tokenizer.json").write_text("{not json")
+  with pytest.raises(ValueError, match=f"{bad_json / 'tokenizer.json'}: not a readable"):
+    Tokenizer.from_dir(bad_json)
+  for name, text, message in [("tokenizer_config.json", "{oops", "not valid JSON"),
+                              ("special_tokens_map.json", "[1, 2]", "expected a JSON object")]:
+    d = tmp_path / name
+    build_hf_json(d)
+    (d / name).write_text(text)
+    with pytest.raises(ValueError, match=f"{d / name}: {message}"):
+      Tokenizer.from_dir(d)
+
+
+def test_padding_and_truncation_saved_in_tokenizer_json_are_ignored(tmp_path, hf_dir):
+  """transformers applies a tokenizer.json's padding / truncation only when a call asks; ours
+  never does (a prompt would lose <begin_of_image> or gain pads marked as real)."""
+  file = build_hf_json(tmp_path)
+  backend = HFTokenizer.from_file(str(file))
+  backend.enable_padding(length=40, pad_id=backend.token_to_id(tk.PAD_TAG), pad_token=tk.PAD_TAG)
+  backend.enable_truncation(max_length=4)
+  backend.save(str(file))
+  clean = Tokenizer.from_dir(hf_dir)
+  saved = Tokenizer.from_dir(tmp_path)
+  texts = ["a long sentence that is much longer than four tokens", "x"]
+  assert saved.encode_batch(texts) == clean.encode_batch(texts)
+  assert len(saved.encode(texts[0])) > 5
+
+
+@pytest.mark.parametrize("kind", ["hf", "sp"])
+def test_ids_past_the_vocabulary_decode_to_nothing(kind, hf_dir, sp_dir):
+  """The LLM's table is larger than the tokenizer (102400 rows, ~100015 tokens): a sampled id
+  past it must not crash the sentencepiece backend (tokenizers skips it)."""
+  t = Tokenizer.from_dir(hf_dir if kind == "hf" else sp_dir)
+  ids = t.encode("Hello", add_bos=False)
+  for skip in (True, False):
+    assert t.decode(ids + [t.vocab_size + 5, t.vocab_size], skip) == t.decode(ids, skip)
