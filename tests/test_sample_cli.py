@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 import oracle
-from janus_jax import convert
+import torch
+from janus_jax import convert, load_pretrained
 from test_tokenizer import build_hf_json
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,6 +53,18 @@ def test_sample_cli_generates_images_and_answers(tmp_path):
   assert np.asarray(Image.open(out / "grid.png")).shape == (16, 16, 3)
   assert "compile" in proc.stderr and "run" in proc.stderr
   assert "wrote 4 image(s)" in proc.stdout
+  # The answer is the oracle's greedy answer: transformers' generate on the same prompt and pixels.
+  loaded = load_pretrained(str(ckpt))
+  batch = loaded.processor.understanding_batch(["What digit is this?"], [[Image.open(digit)]])
+  hf.config.image_token_id = loaded.tokenizer.image_placeholder_id
+  eos = loaded.tokenizer.eos_id
+  with torch.no_grad():
+    hf_ids = hf.generate(input_ids=torch.from_numpy(batch["input_ids"]).long(),
+                         attention_mask=torch.from_numpy(batch["attention_mask"]).long(),
+                         pixel_values=torch.from_numpy(batch["pixels"][:, 0]).permute(0, 3, 1, 2),
+                         max_new_tokens=5, do_sample=False, pad_token_id=eos, eos_token_id=eos)
+  hf_answer = loaded.tokenizer.decode(hf_ids[0, batch["input_ids"].shape[1]:].tolist()).strip()
+  assert hf_answer and hf_answer in proc.stdout.splitlines(), (hf_answer, proc.stdout)
   # A second run into the same --out: refused before loading; with --overwrite, the earlier
   # run's files go, so the folder holds one run only.
   second = [sys.executable, str(REPO / "sample.py"), f"--checkpoint={ckpt}", "--prompt=a dog",
