@@ -254,6 +254,21 @@ def _check_rope(text: Mapping[str, Any], source: str) -> None:
     raise ValueError(f"{source}: RoPE type {kind!r} is not supported (only the default RoPE)")
 
 
+# The activations our modules implement, per config block: the LLM's MLP, and the exact GELU of
+# the vision tower + understanding aligner (vision block) and the generation aligner + image head
+# (VQ block). Released checkpoints use these; another value would convert to a different model.
+_ACTIVATIONS = {"hf": {"text_config": "silu", "vision_config": "gelu", "vq_config": "gelu"},
+                "original": {"language_config": "silu"}}
+
+
+def _check_activations(cfg: Mapping[str, Any], schema: str, source: str) -> None:
+  for block, supported in _ACTIVATIONS[schema].items():
+    act = (cfg.get(block) or {}).get("hidden_act")
+    if act not in (None, supported):
+      raise ValueError(f"{source}: {block}.hidden_act {act!r} is not supported (only "
+                       f"{supported!r}, as every released Janus checkpoint uses)")
+
+
 def model_config_from_json(cfg: Mapping[str, Any], source: str = "config.json"):
   """Our model config from a checkpoint's config.json (either schema); ValueError naming the
   file for a config this cannot read."""
@@ -264,6 +279,7 @@ def model_config_from_json(cfg: Mapping[str, Any], source: str = "config.json"):
       raise TypeError(f"{'language_config' if schema == 'original' else 'text_config'} is "
                       f"{type(text).__name__}, not an object")
     _check_rope(text, source)
+    _check_activations(cfg, schema, source)
     return (original_format.config_from_original(cfg) if schema == "original"
             else config_from_hf(cfg))
   except (KeyError, TypeError, AttributeError) as e:
