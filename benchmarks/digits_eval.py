@@ -32,6 +32,9 @@ def main(argv: list[str] | None = None) -> dict:
   p.add_argument("--temperature", type=float, default=1.0)
   p.add_argument("--top_k", type=int, default=0)
   p.add_argument("--seed", type=int, default=0, help="the sampling and the judge's seed")
+  p.add_argument("--split_seed", type=int, default=0,
+                 help="digits.prepare's seed (the held-out split), used only when --data_dir has "
+                      "no digits_prepare.json")
   p.add_argument("--classifier_steps", type=int, default=1500,
                  help="training steps of the judge (janus_jax/digit_classifier.py)")
   p.add_argument("--system_prompt", default=None,
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
       args.checkpoint, out_dir=args.out,
       data_dir=args.data_dir if os.path.isdir(args.data_dir) else None,
       run_dir=args.run_dir if os.path.isdir(args.run_dir) else None, seed=args.seed,
-      cfg_weights=args.cfg, images_per_digit=args.per_digit, und_limit=args.und_limit or None,
+      split_seed=args.split_seed, cfg_weights=args.cfg, images_per_digit=args.per_digit,
+      und_limit=args.und_limit or None,
       system_prompt=args.system_prompt, temperature=args.temperature, top_k=args.top_k,
       classifier_steps=args.classifier_steps)
   print(eval_digits.markdown_table(results))

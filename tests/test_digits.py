@@ -300,9 +300,12 @@ def test_eval_on_a_random_tiny_model(built, tmp_path):
         json.dumps({"stage": stage, "step": s, "loss": 3.0 / s, "loss/text": 2.0 / s,
                     "loss/generation": 4.0 / s}) + "\n" for s in range(1, 5)))
   out = tmp_path / "eval"
+  # seed 1 samples and trains the judge; the held-out split stays digits.prepare's default
+  # (seed 0): drawn with seed 1, 440 of its 500 digits are in the seed-0 training split.
   results = eval_digits.evaluate(ckpt, out_dir=str(out), run_dir=str(run), cfg_weights=(1.0, 3.0),
                                  images_per_digit=2, und_batch=10, und_limit=20,
-                                 classifier_steps=300)
+                                 classifier_steps=300, seed=1)
+  assert results["split"] == {"image_size": 32, "seed": 0, "from": "split_seed"}
   assert results["classifier"]["test_accuracy"] >= 0.95  # on the 500 real held-out digits
   und = results["understanding"]
   assert und["count"] == 20 and 0 <= und["accuracy"] <= 1 and len(und["per_digit"]) == 10
