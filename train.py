@@ -38,6 +38,7 @@ def main(argv) -> None:
   absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
 
   # --- config checks and mesh (before anything compiles) -------------------------------------
+  support.check_run(config, _MAX_STEPS.value)
   if config.distributed:  # one process per host; each host reads only its shard of the data
     jax.distributed.initialize(config.coordinator_address or None, config.num_processes or None,
                                config.process_id if config.process_id >= 0 else None)
@@ -61,6 +62,11 @@ def main(argv) -> None:
     if params is None:  # stopped early (preemption or --stop_after)
       return
     print(f"{name} done: {support.export_stage(config, name, model, params)}")
+  last = support.stage_names(config)[-1]
+  if stages[-1] != last:  # an earlier stage run alone must not replace the finished model
+    print(f"{config.workdir}/model not written: it holds {last}'s output, and this run ended "
+          f"at {stages[-1]}")
+    return
   final = os.path.join(config.workdir, "model")
   pretrained.write_converted(final, params, config.model, config.family,
                              support.tokenizer_dir(config), overwrite=True,

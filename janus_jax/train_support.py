@@ -23,10 +23,15 @@ from janus_jax.models import janus as janus_lib
 # --- config checks ------------------------------------------------------------------------------
 
 
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The stage table's stages in order (stage1, stage2, ...)."""
+  names = [n for n in config.stages.keys() if n.startswith("stage")]
+  return sorted(names, key=lambda n: int(n[len("stage"):]))
+
+
 def stages_to_run(config: ml_collections.ConfigDict) -> list[str]:
   """config.stage = 0: every stage of the table in order; k: only `stage{k}`."""
-  names = [n for n in config.stages.keys() if n.startswith("stage")]
-  names.sort(key=lambda n: int(n[len("stage"):]))
+  names = stage_names(config)
   if config.stage == 0:
     return names
   name = f"stage{config.stage}"
@@ -34,6 +39,48 @@ def stages_to_run(config: ml_collections.ConfigDict) -> list[str]:
     raise ValueError(f"--config.stage={config.stage}: unknown stage; the config defines "
                      f"{', '.join(names)} (or 0 for all)")
   return [name]
+
+
+# Multi-host settings that only jax.distributed.initialize reads, and their "unset" values.
+_DISTRIBUTED_FIELDS = (("coordinator_address", ""), ("num_processes", 0), ("process_id", -1))
+
+
+def check_run(config: ml_collections.ConfigDict, stop_after: int = 0) -> None:
+  """Run-wide settings, checked before anything starts (stage settings: check_stage)."""
+  if config.get("keep_checkpoints", 1) < 1:  # orbax would delete every save, resume included
+    raise ValueError(f"config.keep_checkpoints = {config.keep_checkpoints} must be at least 1")
+  if stop_after < 0:
+    raise ValueError(f"--stop_after = {stop_after} must be >= 0 (0: run each stage to its end)")
+  if not config.get("distributed", False):
+    given = [f"config.{k} = {config[k]!r}" for k, unset in _DISTRIBUTED_FIELDS
+             if config.get(k, unset) != unset]
+    if given:  # without initialize() each host would train alone into the same workdir
+      raise ValueError(f"{', '.join(given)}: multi-host settings take effect only with "
+                       "--config.distributed=True")
+  if config.get("init_from", "") and not os.path.isdir(
+      os.path.join(config.init_from, pretrained.CONVERTED_MARKER)):
+    raise FileNotFoundError(
+        f"config.init_from = {config.init_from!r} is not a converted checkpoint (no "
+        f"{os.path.join(config.init_from, pretrained.CONVERTED_MARKER)}); convert a PyTorch one "
+        "first: python -m janus_jax.convert SRC DST")
+  if not config.get("prepare", None):  # (the digits demo builds its stage-0 outputs first)
+    for field, what in (("init_vq_from", "trained VQ"),
+                        ("init_understanding_encoder_from", "pretrained understanding encoder")):
+      directory = config.get(field, "")
+      if directory and not os.path.isdir(os.path.join(directory, "params")):
+        raise FileNotFoundError(f"config.{field} = {directory!r} holds no {what} "
+                                f"({os.path.join(directory, 'params')} is missing)")
+
+
+def data_fields_from_model(model: ml_collections.ConfigDict) -> dict[str, int]:
+  """The data block's fields that must agree with the model (recipes.data_config sets them from
+  it once, so a later --config.model.* override leaves them stale)."""
+  vision, vq = model.vision, model.vq
+  return {"image_size": vision.image_size,
+          "num_image_tokens_und": (vision.image_size // vision.patch_size) ** 2,
+          "num_image_tokens_gen": vq.grid_size**2,
+          "gen_image_size": vq.grid_size * 2 ** (len(vq.channel_multipliers) - 1),
+          "image_codebook_size": vq.codebook_size}
 
 
 def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: bool = True) -> None:
@@ -49,6 +96,10 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
   for field in ("checkpoint_every", "log_every"):
     if config.get(field, 1) < 1:
       raise ValueError(f"config.{field} = {config[field]} must be at least 1")
+  for field, want in data_fields_from_model(config.model).items():
+    if field in config.data and config.data[field] != want:  # a stale count drops image features
+      raise ValueError(f"config.data.{field} = {config.data[field]} disagrees with the model "
+                       f"config, which gives {want}: pass --config.data.{field}={want} too")
   if not 0 <= stage.get("cooldown_steps", 0) <= stage.steps - stage.warmup_steps:
     raise ValueError(f"config.stages.{name}.cooldown_steps = {stage.cooldown_steps} must be in "
                      f"[0, steps - warmup_steps = {stage.steps - stage.warmup_steps}]")
@@ -165,8 +216,7 @@ HOST_INIT_MAX_PARAMS = 200_000_000
 
 
 def _previous_stage(config, name: str) -> str | None:
-  names = sorted((n for n in config.stages.keys() if n.startswith("stage")),
-                 key=lambda n: int(n[len("stage"):]))
+  names = stage_names(config)
   i = names.index(name)
   return names[i - 1] if i > 0 else None
 
@@ -180,9 +230,34 @@ def initial_params(config, model, name: str, carried: Any, param_shardings: Any,
   previous = _previous_stage(config, name)
   export = os.path.join(config.workdir, previous, "model") if previous else ""
   source = export if export and os.path.isdir(export) else config.init_from
+  parts = [f for f in ("init_vq_from", "init_understanding_encoder_from") if config.get(f, "")]
   if source:
     print(f"{name} starts from {source}")
-    return pretrained.restore_params(source, model, mesh)
+    params = pretrained.restore_params(source, model, mesh)
+    if source == export:  # the previous stage's parts, stage 0's included, as it left them
+      if parts:
+        print(f"{name}: keeps {previous}'s generation tokenizer and understanding encoder "
+              f"({', '.join('config.' + f for f in parts)}: only where a stage starts from "
+              "config.init_from or random parameters)")
+      return jax.device_put(params, param_shardings)
+  else:
+    params = _random_params(config, model, name, previous, export, param_shardings)
+  if "init_vq_from" in parts:  # a separately trained VQ (stage 0) replaces the one loaded
+    from janus_jax import vq_training
+
+    print(f"{name}: generation tokenizer from {config.init_vq_from}")
+    params = {**params, "generation_tokenizer": vq_training.load_vq(config.init_vq_from)}
+  if "init_understanding_encoder_from" in parts:  # stage 0's stand-in for SigLIP
+    from janus_jax import encoder_pretraining
+
+    print(f"{name}: understanding encoder from {config.init_understanding_encoder_from}")
+    params = {**params, "understanding_encoder":
+              encoder_pretraining.load_encoder(config.init_understanding_encoder_from)}
+  return jax.device_put(params, param_shardings)
+
+
+def _random_params(config, model, name: str, previous: str | None, export: str,
+                   param_shardings: Any) -> Any:
   print(f"{name} starts from random parameters (seed {config.seed})")
   if previous:  # running a later stage alone: say loudly that it is not continuing the table
     checkpoints = os.path.join(config.workdir, previous)
@@ -192,22 +267,9 @@ def initial_params(config, model, name: str, carried: Any, param_shardings: Any,
                     "config.init_from; run %s first or pass --config.init_from=DIR%s",
                     name, previous, export, previous, hint)
   if training.count_params(janus_lib.abstract_params(model)) < HOST_INIT_MAX_PARAMS:
-    params = janus_lib.init_params_host(model, config.seed)
-  else:
-    init = jax.jit(lambda rng: nn.unbox(janus_lib.init_params(model, rng)), out_shardings=param_shardings)
-    params = init(jax.random.key(config.seed))
-  if config.get("init_vq_from", ""):  # a separately trained VQ (stage 0) replaces the random one
-    from janus_jax import vq_training
-
-    print(f"{name}: generation tokenizer from {config.init_vq_from}")
-    params = {**params, "generation_tokenizer": vq_training.load_vq(config.init_vq_from)}
-  if config.get("init_understanding_encoder_from", ""):  # stage 0's stand-in for SigLIP
-    from janus_jax import encoder_pretraining
-
-    print(f"{name}: understanding encoder from {config.init_understanding_encoder_from}")
-    params = {**params, "understanding_encoder":
-              encoder_pretraining.load_encoder(config.init_understanding_encoder_from)}
-  return jax.device_put(params, param_shardings)
+    return janus_lib.init_params_host(model, config.seed)
+  init = jax.jit(lambda rng: nn.unbox(janus_lib.init_params(model, rng)), out_shardings=param_shardings)
+  return init(jax.random.key(config.seed))
 
 
 def export_stage(config, name: str, model, params) -> str:

@@ -7,8 +7,9 @@ Every supervised token counts once unless the stage sets `loss_weights` (underst
 generation): then a token of task t counts w_t times (the loss is the weighted mean); each task's
 own mean loss is reported either way.
 
-A stage (see configs/) names its trainable parts; the others get `optax.set_to_zero` through
-`optax.multi_transform`, so frozen parts carry no optimizer state and stay bit-identical.
+A stage (see configs/) names its trainable parts; the step differentiates and optimises only
+those, closing over the others as constants, so frozen parts get no gradient, carry no optimizer
+state and stay bit-identical.
 """
 
 from __future__ import annotations

@@ -173,3 +173,61 @@ def test_restore_onto_another_mesh_and_fall_back_from_a_corrupt_step(root, unint
   assert manager.save(12, state, data_state, force=True)
   manager.close()
   assert checkpointing.CheckpointManager(str(directory), 2, 2).all_steps() == [10, 12]
+
+
+def test_an_earlier_stage_run_alone_keeps_the_final_model(root, uninterrupted, tmp_path):
+  """WORKDIR/model (sample.py's default) is the last stage's: re-running stage 1 alone writes
+  stage1/model and leaves it be (it used to replace it with stage 1's output)."""
+  import shutil
+
+  workdir = tmp_path / "w"
+  shutil.copytree(uninterrupted / "model", workdir / "model")
+  final = (workdir / "model").stat().st_ino, (workdir / "model" / "config.json").read_bytes()
+  cmd = [sys.executable, str(REPO / "train.py"), f"--config={CONFIG}:{root}", "--config.stage=1",
+         f"--config.workdir={workdir}", "--config.stages.stage1.steps=0"]
+  run = subprocess.run(cmd, env=_env(root), cwd=root, capture_output=True, text=True, timeout=600)
+  assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+  assert (workdir / "stage1" / "model" / "params").is_dir()
+  assert "model not written: it holds stage2's output" in run.stdout
+  assert ((workdir / "model").stat().st_ino, (workdir / "model" / "config.json").read_bytes()) == final
+
+
+def test_stage0_parts_apply_over_init_from_but_not_over_the_previous_export(root, tmp_path, capsys):
+  """config.init_vq_from / init_understanding_encoder_from replace those parts of an init_from
+  checkpoint (they were silently ignored); a stage continuing the previous stage's export keeps
+  that export's parts, and says so."""
+  import orbax.checkpoint as ocp
+
+  from janus_jax import pretrained
+
+  config = _config(root)
+  config.workdir = str(tmp_path / "run")
+  model = janus_lib.build(config.model)
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  shardings = sharding.param_shardings(janus_lib.abstract_params(model), mesh)
+  base, other = janus_lib.init_params_host(model, 0), janus_lib.init_params_host(model, 1)
+  pretrained.write_converted(str(tmp_path / "base"), base, config.model, config.family,
+                             config.tokenizer, overwrite=False)
+  checkpointer = ocp.StandardCheckpointer()  # (as stage 0 saves them)
+  for name, part in (("vq", "generation_tokenizer"), ("encoder", "understanding_encoder")):
+    checkpointer.save(str(tmp_path / name / "params"), other[part])
+  checkpointer.wait_until_finished()
+  config.init_from = str(tmp_path / "base")
+  config.init_vq_from, config.init_understanding_encoder_from = (str(tmp_path / "vq"),
+                                                                str(tmp_path / "encoder"))
+
+  def same(a, b) -> bool:
+    return all(np.array_equal(np.asarray(x), np.asarray(y))
+               for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+  params = support.initial_params(config, model, "stage1", None, shardings, mesh)
+  assert same(params["llm"], base["llm"])
+  assert same(params["generation_tokenizer"], other["generation_tokenizer"])
+  assert same(params["understanding_encoder"], other["understanding_encoder"])
+  pretrained.write_converted(os.path.join(config.workdir, "stage1", "model"), base, config.model,
+                             config.family, config.tokenizer, overwrite=False)
+  capsys.readouterr()
+  params = support.initial_params(config, model, "stage2", None, shardings, mesh)
+  assert same(params["generation_tokenizer"], base["generation_tokenizer"])
+  assert same(params["understanding_encoder"], base["understanding_encoder"])
+  assert "keeps stage1's generation tokenizer and understanding encoder" in capsys.readouterr().out

@@ -149,6 +149,48 @@ def test_bad_stage_configs_fail_before_compiling():
     support.check_stage(config, "stage1", mesh)
 
 
+def test_bad_run_settings_fail_before_anything_starts(tmp_path):
+  """Settings that used to be ignored or to fail late: keep_checkpoints 0 (orbax kept no save),
+  a negative --stop_after, multi-host fields without distributed=True (each host trained
+  alone), a missing init_from (an AttributeError from orbax), a stale image-token count after a
+  model override (the extra image features were dropped silently)."""
+  config = load_config("tiny")
+  support.check_run(config)
+  for field, value, message in (
+      ("keep_checkpoints", 0, "config.keep_checkpoints = 0 must be at least 1"),
+      ("num_processes", 4, r"config.num_processes = 4: multi-host settings take effect only "
+                           r"with --config.distributed=True"),
+      ("coordinator_address", "host0:1234", "config.coordinator_address = 'host0:1234'"),
+      ("init_from", str(tmp_path / "nowhere"), "config.init_from = .*nowhere' is not a converted "
+                                               "checkpoint")):
+    bad = config.copy_and_resolve_references()
+    bad[field] = value
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+      support.check_run(bad)
+  with pytest.raises(ValueError, match="--stop_after = -1 must be >= 0"):
+    support.check_run(config, stop_after=-1)
+  bad = config.copy_and_resolve_references()
+  bad.num_processes, bad.distributed = 4, True  # fine: jax.distributed.initialize reads it
+  support.check_run(bad)
+  bad = config.copy_and_resolve_references()
+  bad.init_vq_from = str(tmp_path / "no_vq")
+  with pytest.raises(FileNotFoundError, match="config.init_vq_from = .*no_vq' holds no trained VQ"):
+    support.check_run(bad)
+
+  mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
+  support.check_stage(config, "stage1", mesh, data_ready=False)
+  bad = config.copy_and_resolve_references()
+  bad.model.vision.patch_size //= 2  # 4x the patches; data.num_image_tokens_und left as it was
+  want = (bad.model.vision.image_size // bad.model.vision.patch_size) ** 2
+  with pytest.raises(ValueError, match=f"config.data.num_image_tokens_und = {want // 4} disagrees "
+                                       f"with the model config, which gives {want}"):
+    support.check_stage(bad, "stage1", mesh, data_ready=False)
+  bad = config.copy_and_resolve_references()
+  bad.data.image_size += 16
+  with pytest.raises(ValueError, match="config.data.image_size"):
+    support.check_stage(bad, "stage1", mesh, data_ready=False)
+
+
 def test_a_nonfinite_gradient_stops_the_run_before_a_save_even_with_a_finite_loss():
   class Manager:  # what check_finite reads of checkpointing.CheckpointManager
     directory = "/ckpt"
