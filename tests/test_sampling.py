@@ -194,6 +194,17 @@ def test_cached_decode_equals_full_forward(setup, path):
   np.testing.assert_array_equal(mixed.argmax(-1), tokens)
   top2 = np.sort(mixed, axis=-1)[..., -2:]
   assert (top2[..., 1] - top2[..., 0]).min() > 1e-3, "near-tie in the oracle; pick another seed"
+  # One slot is left: a step fills it. One more would clamp its write back onto an earlier slot
+  # (dynamic_update_slice) and look plausible: NaN under jit, an error outside it.
+  ids1, positions = fed[:, :1], row_valid.sum(1) + n - 1
+  logits, cache = step_fn(ids1, positions, cache)
+  assert np.isfinite(np.asarray(logits)).all() and int(cache.index) == cache.slots == t + n
+  assert np.isnan(np.asarray(step_fn(ids1, positions + 1, cache)[0])).all()
+  eager = functools.partial(model.apply, {"params": params},
+                            method=step if path == "layer_scan" else blocked_step)
+  with pytest.raises(ValueError, match=rf"KV cache overflow: 1 new token\(s\) at index {t + n} "
+                                       rf"need {t + n + 1} slots; the cache has {t + n}"):
+    eager(ids1, positions + 1, cache)
 
 
 def test_cfg_logits_formula():

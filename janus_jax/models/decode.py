@@ -140,7 +140,7 @@ def trunk_step(config: Any, trunk: dict, x_BxD: jax.Array, positions_B: jax.Arra
     h_BxD = llm.rms_norm(x_BxD, w["post_norm"], eps)
     gated_BxM = jax.nn.silu(matmul(h_BxD, w["gate"])) * matmul(h_BxD, w["up"])
     x_BxD = x_BxD + matmul(gated_BxM, w["down"])
-  x_BxD = llm.rms_norm(x_BxD, trunk["norm"], eps)
+  x_BxD = cache.guard(llm.rms_norm(x_BxD, trunk["norm"], eps), 1)
   return x_BxD, llm.KVCache(tuple(ks), tuple(vs), cache.index + 1)
 
 

@@ -85,6 +85,20 @@ class KVCache:
                             for i in range(x.shape[0]))
     return KVCache(split(self.k), split(self.v), self.index)
 
+  def guard(self, x: jax.Array, new_tokens: int) -> jax.Array:
+    """x as it is when `new_tokens` more slots fit from `index`. Otherwise dynamic_update_slice
+    would clamp the write back onto earlier slots and x would look plausible but be wrong, so:
+    a ValueError when the index is known (outside jit), else x filled with NaN (one select)."""
+    fits = self.index + new_tokens <= self.slots
+    try:
+      if not bool(fits):
+        raise ValueError(f"KV cache overflow: {new_tokens} new token(s) at index "
+                         f"{int(self.index)} need {int(self.index) + new_tokens} slots; the cache "
+                         f"has {self.slots}")
+      return x
+    except jax.errors.ConcretizationTypeError:  # traced: the index is known only at run time
+      return jnp.where(fits, x, jnp.nan)
+
 
 class RMSNorm(nn.Module):
   """Normalise in float32, cast back to the input dtype, then scale (the Llama order)."""
@@ -296,6 +310,7 @@ class DecoderStack(nn.Module):
     x_BxTxD, k, v = carry
     x_BxTxD = RMSNorm(c.rms_norm_eps, self.param_dtype, name="norm")(x_BxTxD)
     if cache is not None:
+      x_BxTxD = cache.guard(x_BxTxD, x_BxTxD.shape[1])
       cache = KVCache(k, v, cache.index + x_BxTxD.shape[1])
     return x_BxTxD, cache
 
