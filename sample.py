@@ -17,7 +17,9 @@ import json
 import math
 import os
 import re
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
@@ -114,6 +116,12 @@ def _check_out(out: str, overwrite: bool) -> None:
   unless --overwrite; so that a run never ends in a write error or a mix of two runs' files."""
   if os.path.exists(out) and not os.path.isdir(out):
     raise app.UsageError(f"--out={out}: exists and is not a directory")
+  existing = os.path.abspath(out)  # the part of the path that exists must let us create the rest
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+    raise app.UsageError(f"--out={out}: cannot be created or written ({existing} is "
+                         f"{'not a directory' if not os.path.isdir(existing) else 'not writable'})")
   earlier = _earlier_outputs(out) if os.path.isdir(out) else []
   if earlier and not overwrite:
     raise app.UsageError(f"--out={out} holds an earlier run's outputs "
@@ -145,22 +153,33 @@ def text_to_image(loaded, prompts: list[str], s: dict, settings: sampling.Sample
         settings=settings, images_per_prompt=s["num_images"]).block_until_ready()
   with phase("decoding pixels"):
     pixels = np.asarray(sampling.decode_images(loaded.model, loaded.params, ids))
+  # Everything is written into a temporary folder inside --out first, then renamed into place,
+  # and only then do the earlier run's other files go: a failed write leaves the earlier run.
   os.makedirs(s["out"], exist_ok=True)
-  for path in _earlier_outputs(s["out"]):  # checked up front: only with --overwrite
-    os.remove(path)
-  files = []
-  for i, image in enumerate(pixels):
-    prompt_index, k = divmod(i, s["num_images"])
-    files.append(f"prompt{prompt_index}_{k}.png")
-    Image.fromarray(image).save(os.path.join(s["out"], files[-1]))
+  earlier = _earlier_outputs(s["out"])  # checked up front: only with --overwrite
+  staging = tempfile.mkdtemp(prefix=".sample-", dir=s["out"])
+  try:
+    files = []
+    for i, image in enumerate(pixels):
+      prompt_index, k = divmod(i, s["num_images"])
+      files.append(f"prompt{prompt_index}_{k}.png")
+      Image.fromarray(image).save(os.path.join(staging, files[-1]))
+    Image.fromarray(image_grid(pixels, s["num_images"])).save(os.path.join(staging, "grid.png"))
+    record = {"checkpoint": os.path.abspath(s["checkpoint"]), "prompts": prompts,
+              "images": {f: prompts[i // s["num_images"]] for i, f in enumerate(files)},
+              **{k: s[k] for k in ("num_images", "cfg_weight", "seed")},
+              **dataclasses.asdict(settings)}
+    with open(os.path.join(staging, "samples.json"), "w") as f:
+      json.dump(record, f, indent=2)
+    written = files + ["grid.png", "samples.json"]
+    for name in written:
+      os.replace(os.path.join(staging, name), os.path.join(s["out"], name))
+  finally:
+    shutil.rmtree(staging, ignore_errors=True)
+  for path in earlier:
+    if os.path.basename(path) not in written:
+      os.remove(path)
   grid = os.path.join(s["out"], "grid.png")
-  Image.fromarray(image_grid(pixels, s["num_images"])).save(grid)
-  record = {"checkpoint": os.path.abspath(s["checkpoint"]), "prompts": prompts,
-            "images": {f: prompts[i // s["num_images"]] for i, f in enumerate(files)},
-            **{k: s[k] for k in ("num_images", "cfg_weight", "seed")},
-            **dataclasses.asdict(settings)}
-  with open(os.path.join(s["out"], "samples.json"), "w") as f:
-    json.dump(record, f, indent=2)
   print(f"wrote {len(pixels)} image(s) and {grid}")
 
 

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from janus_jax import token_loop
+from janus_jax import sharding, token_loop
 from janus_jax.models import decode
 from janus_jax.models import janus as janus_lib
 
@@ -67,15 +67,27 @@ def first_argmax(x_BxV: jax.Array) -> jax.Array:
   return jnp.min(jnp.where(hit_BxV, index_V, x_BxV.shape[-1]), axis=-1)
 
 
-def sample_logits(rng: jax.Array, logits_BxV: jax.Array, settings: Sampler) -> jax.Array:
-  """One id per row [B] int32: temperature, then top-k, then top-p (the HF warper order)."""
+def _kth_largest(logits_BxV: jax.Array, k: int, mesh: Mesh | None) -> jax.Array:
+  """[B, 1]: each row's k-th largest logit. lax.top_k does not partition over rows: on a mesh it
+  would gather every row's logits onto every device each step, so there it runs per shard."""
+  kth = lambda x_BxV: jax.lax.top_k(x_BxV, k)[0][:, -1:]
+  if token_loop.data_parallel(mesh) == 1:
+    return kth(logits_BxV)
+  rows = jax.sharding.PartitionSpec(sharding.BATCH_AXES)
+  return jax.shard_map(kth, mesh=mesh, in_specs=rows, out_specs=rows)(logits_BxV)
+
+
+def sample_logits(rng: jax.Array, logits_BxV: jax.Array, settings: Sampler,
+                  mesh: Mesh | None = None) -> jax.Array:
+  """One id per row [B] int32: temperature, then top-k, then top-p (the HF warper order).
+  mesh: the one the rows are split over (the draw does not depend on it)."""
   logits_BxV = logits_BxV.astype(jnp.float32)
   if settings.temperature == 0:
     return first_argmax(logits_BxV)
   logits_BxV = logits_BxV / settings.temperature
   neg_inf = jnp.finfo(jnp.float32).min
   if 0 < settings.top_k < logits_BxV.shape[-1]:
-    kth_Bx1 = jax.lax.top_k(logits_BxV, settings.top_k)[0][:, -1:]
+    kth_Bx1 = _kth_largest(logits_BxV, settings.top_k, mesh)
     logits_BxV = jnp.where(logits_BxV >= kth_Bx1, logits_BxV, neg_inf)
   if settings.top_p < 1.0:
     sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)
@@ -157,7 +169,7 @@ def _image_decode(model, params, hidden_RxD, cache, valid_RxT, rng, cfg_weight, 
   def sample(hidden_RxD, key):
     logits_RxV = image_logits(hidden_RxD)
     pairs = logits_RxV.reshape(rows // 2, 2, -1)
-    return sample_logits(key, cfg_logits(pairs[:, 0], pairs[:, 1], cfg_weight), settings)
+    return sample_logits(key, cfg_logits(pairs[:, 0], pairs[:, 1], cfg_weight), settings, mesh)
 
   def body(slot_valid_RxS):
     def step(carry, key):
@@ -294,7 +306,7 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
   trunk, text_logits = token_loop.decoder(model, params, unroll, "text", b)
   cache = token_loop.grown_cache(decode.split_cache(cache, b) if unroll else cache, slots, mesh)
   keys = jax.random.split(rng, max_new_tokens)
-  first_B = sample_logits(keys[0], logits_BxV, settings)
+  first_B = sample_logits(keys[0], logits_BxV, settings, mesh)
   tokens_BxN = jnp.full((b, max_new_tokens), eos_id, jnp.int32).at[:, 0].set(first_B)
   positions_B = valid_BxT.sum(axis=1).astype(jnp.int32)
 
@@ -309,7 +321,7 @@ def _text_decode(model, params, logits_BxV, cache, valid_BxT, rng, eos_id, *, se
     x_Bx1xD = token_loop.apply(model, params, Janus.embed_text, prev_B[:, None])
     hidden_BxD, cache = trunk(x_Bx1xD, slot_valid_BxS, positions_B, cache)
     logits_BxV = text_logits(hidden_BxD)
-    next_B = jnp.where(done_B, eos_id, sample_logits(keys[i], logits_BxV, settings))
+    next_B = jnp.where(done_B, eos_id, sample_logits(keys[i], logits_BxV, settings, mesh))
     tokens_BxN = jax.lax.dynamic_update_index_in_dim(tokens_BxN, next_B, i, axis=1)
     return i + 1, cache, tokens_BxN, done_B | (next_B == eos_id), positions_B + 1
 

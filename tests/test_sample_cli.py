@@ -76,6 +76,7 @@ def test_sample_cli_generates_images_and_answers(tmp_path):
   proc = subprocess.run(second + ["--overwrite"], capture_output=True, text=True, env=env,
                         cwd=tmp_path, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
+  # (and the staging folder the new files were written into first is gone)
   assert sorted(os.listdir(out)) == ["grid.png", "prompt0_0.png", "prompt_ideas.png", "samples.json"]
   assert json.loads((out / "samples.json").read_text())["prompts"] == ["a dog"]
 
@@ -99,6 +100,8 @@ def test_sample_cli_explains_a_missing_checkpoint(tmp_path):
     (["--image=notes.png", "--question=q", "--config.answer_temperature=-1"],
      "--config.answer_temperature=-1"),
     (["--prompt=x", "--out=notes.png"], "--out=notes.png: exists and is not a directory"),
+    (["--prompt=x", "--out=notes.png/sub"],  # (failed only after sampling, at the first write)
+     "--out=notes.png/sub: cannot be created or written"),
     (["--image=cut.jpg", "--question=q"], "--image 'cut.jpg': not a readable image"),
     (["--image=whole.jpg", "--question=<image_placeholder> what?"],
      "--question contains <image_placeholder>"),

@@ -440,3 +440,21 @@ def test_sharded_text_equals_single_device(setup):
   got = run(sharding.make_mesh((2, 2, 2)))
   np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(want[0]))
   np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_top_k_on_a_mesh_stays_on_each_rows_device():
+  """lax.top_k does not partition over rows: on a mesh every step gathered all rows' logits onto
+  every device. Now each shard takes its own rows' k-th logit: no collective, same draws."""
+  from jax.sharding import NamedSharding, PartitionSpec
+
+  mesh = sharding.make_mesh((4, 2, 1))
+  logits = jax.random.normal(jax.random.key(3), (8, 512)) * 4
+  rows = jax.device_put(logits, NamedSharding(mesh, PartitionSpec(sharding.BATCH_AXES)))
+  settings = sampling.Sampler(temperature=0.9, top_k=30, top_p=0.9)
+  draw = jax.jit(lambda key, x: sampling.sample_logits(key, x, settings, mesh))
+  hlo = draw.lower(jax.random.key(0), rows).compile().as_text()
+  assert "all-gather" not in hlo and "all-to-all" not in hlo
+  for seed in range(4):
+    key = jax.random.key(seed)
+    np.testing.assert_array_equal(np.asarray(draw(key, rows)),
+                                  np.asarray(sampling.sample_logits(key, logits, settings)))
