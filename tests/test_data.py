@@ -3,7 +3,10 @@ CFG caption dropping, packing, mixing, determinism, exact resume, sharding, clea
 
 import dataclasses
 import importlib.util
+import io
 import json
+import logging
+import re
 import shutil
 
 import grain
@@ -472,3 +475,29 @@ def test_clear_errors(env, tmp_path):
     info.write_text(info.read_text().replace('"array_record"', '"tfrecord"'))
     with pytest.raises(DatasetError, match="install the `tensorflow` extra"):
       make(data_dir=str(copy))
+
+
+def test_dropped_examples_are_counted_and_bad_examples_named(env, tmp_path, caplog):
+  """Drops by the length policy used to be silent below grain's 90 %, an all-dropped source
+  failed with grain's message naming neither source nor cause, and a corrupt image or a feature
+  of the wrong kind failed with no dataset or example named."""
+  with caplog.at_level(logging.WARNING):
+    rows(env.pipeline((0, 0, 1), seq_len=17), 30)  # most captions need more than 17 tokens
+  assert re.search(r"generation source 'image_captions/t': \d+ of the first 100 examples "
+                   r"dropped \(\d+ %\): longer than seq_len=17", caplog.text), caplog.text
+  with pytest.raises(DatasetError, match="generation source 'image_captions/t': all of the first "
+                                         "200 examples were dropped: longer than seq_len=7"):
+    next(env.pipeline((0, 0, 1), seq_len=7))
+  c = env.config()
+  c.sources.generation.features = {"image": "caption", "caption": "caption"}
+  with pytest.raises(DatasetError, match=r"generation source 'image_captions/t' split 'train': "
+                                         r"example \d+ of this host's stream cannot be read: "
+                                         r"UnidentifiedImageError"):
+    next(make_pipeline(c, env.tok, FAMILY, seed=0, mixture=(0, 0, 1), batch_size=1,
+                       image_tokenizer=fake_image_tokenizer))
+  # A cut image is refused when the dataset is built (it opened, and failed mid-run).
+  jpeg = io.BytesIO()
+  Image.fromarray(np.full((32, 32, 3), 90, np.uint8)).save(jpeg, "JPEG")
+  (tmp_path / "cut.jpg").write_bytes(jpeg.getvalue()[:len(jpeg.getvalue()) // 2])
+  with pytest.raises(ValueError, match=r"cut.jpg cannot be decoded: OSError"):
+    builders.image_bytes(tmp_path / "cut.jpg")

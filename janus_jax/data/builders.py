@@ -58,6 +58,11 @@ def image_bytes(path: str | os.PathLike) -> bytes:
   if not path.is_file():
     raise FileNotFoundError(f"image file {path} does not exist")
   data = path.read_bytes()
+  try:
+    with Image.open(io.BytesIO(data)) as img:
+      img.load()  # decodes: a cut file opens (open reads the header) and fails only here
+  except (OSError, SyntaxError, ValueError) as e:  # (PIL raises all three for bad files)
+    raise ValueError(f"image file {path} cannot be decoded: {type(e).__name__}: {e}") from e
   with Image.open(io.BytesIO(data)) as img:
     if img.format in ("PNG", "JPEG") and img.mode == "RGB":
       return data

@@ -52,6 +52,7 @@ interleaved slices of every source (disjoint), so the batches are per-host and d
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -76,6 +77,56 @@ _MAX_DROP_RATIO = 0.99
 
 class DatasetError(ValueError):
   """A dataset, split or feature key that the data config names cannot be read."""
+
+
+# The length policy's drops are counted per source: a warning at 100, 1,000, 10,000, ... examples
+# read when at least this share was dropped, and an error when the first _ALL_DROPPED_AFTER
+# examples were all dropped (grain itself warns only from 90 % of a 1,000-example window).
+_DROP_WARN_SHARE = 0.01
+_ALL_DROPPED_AFTER = 200
+
+
+class _KeepFitting(grain.transforms.Filter):
+  """Keeps the examples the length policy kept (a dropped one comes as {}), counting both."""
+
+  def __init__(self, task: str, name: str, layout: transforms.Layout):
+    self.task, self.name, self.kept, self.dropped, self._report = task, name, 0, 0, 100
+    self.why = (f"longer than seq_len={layout.seq_len}" + (
+        f" or with more images than max_images_per_row={layout.max_images}"
+        if task == "understanding" else "") + " (janus_jax.data.transforms' length policy)")
+
+  def filter(self, example: Any) -> bool:
+    kept = bool(example)
+    self.kept, self.dropped = self.kept + kept, self.dropped + (not kept)
+    seen = self.kept + self.dropped
+    if seen == _ALL_DROPPED_AFTER and not self.kept:
+      raise DatasetError(f"{self.task} source {self.name!r}: all of the first {seen} examples "
+                         f"were dropped: {self.why}")
+    if seen == self._report:
+      self._report *= 10
+      if self.dropped >= _DROP_WARN_SHARE * seen:
+        logging.warning("%s source %r: %d of the first %d examples dropped (%.0f %%): %s",
+                        self.task, self.name, self.dropped, seen, 100 * self.dropped / seen,
+                        self.why)
+    return kept
+
+  def __repr__(self) -> str:
+    return f"{self.task} examples of {self.name!r} not {self.why}"
+
+
+def _with_context(transform: Callable[[int, Any], transforms.Example], task: str, name: str,
+                  split: str) -> Callable[[int, Any], transforms.Example]:
+  """The transform, its errors naming the source and the example (a corrupt image, a feature
+  of the wrong kind) instead of only what failed deep inside."""
+  def run(i: int, example: Any) -> transforms.Example:
+    try:
+      return transform(i, example)
+    except DatasetError:
+      raise
+    except Exception as e:  # noqa: BLE001  # re-raised with the context
+      raise DatasetError(f"{task} source {name!r} split {split!r}: example {i} of this host's "
+                         f"stream cannot be read: {type(e).__name__}: {e}") from e
+  return run
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -352,11 +403,12 @@ def make_dataset(data_config: Any, tokenizer: Tokenizer, family: str, *, seed: i
     data_dir = _get(src, "data_dir") or None
     if task == "generation" and not pretokenized and image_tokenizer is None:
       raise ValueError("the generation source needs an image_tokenizer (or pretokenized_key)")
-    transform = _task_transform(task, keys, pretokenized, layout, name,
-                                (seed, k, shard_index, shard_count))
+    transform = _with_context(_task_transform(task, keys, pretokenized, layout, name,
+                                              (seed, k, shard_index, shard_count)),
+                              task, name, split)
     ds = _read(builder, name, split, data_dir, (shard_index, shard_count),
                _seed(seed, k), bool(_get(c, "shuffle", True)), read_options, transform)
-    ds = ds.filter(bool)  # examples the length policy dropped come as {}
+    ds = ds.filter(_KeepFitting(task, name, layout))  # dropped examples come as {}
     if task == "generation" and not pretokenized:
       ds = packing.tokenize_images(ds, image_tokenizer, int(_get(c, "vq_batch", 16)),
                                    layout.num_image_tokens_gen)
