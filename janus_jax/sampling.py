@@ -33,7 +33,11 @@ Janus = janus_lib.Janus
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  """Static sampling settings. temperature 0 = greedy (argmax); top_k 0 and top_p 1 = off."""
+  """Static sampling settings. temperature 0 = greedy (argmax); top_k 0 and top_p 1 = off.
+
+  Logits tied exactly at the top-p cutoff are all kept; `transformers` keeps those its sort puts
+  first (only exact ties differ: bfloat16 or rounded logits).
+  """
 
   temperature: float = 1.0
   top_k: int = 0
@@ -84,7 +88,9 @@ def sample_logits(rng: jax.Array, logits_BxV: jax.Array, settings: Sampler,
   logits_BxV = logits_BxV.astype(jnp.float32)
   if settings.temperature == 0:
     return first_argmax(logits_BxV)
-  logits_BxV = logits_BxV / settings.temperature
+  # Shifted by the row max first: a tiny temperature then sends the rest to -inf, where plain
+  # division overflowed to +inf and the draw took the first positive logit, not the largest.
+  logits_BxV = (logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True)) / settings.temperature
   neg_inf = jnp.finfo(jnp.float32).min
   if 0 < settings.top_k < logits_BxV.shape[-1]:
     kth_Bx1 = _kth_largest(logits_BxV, settings.top_k, mesh)
@@ -219,7 +225,9 @@ def generate_image_tokens(model: Janus, params: Any, prompt_ids_BxT, prompt_vali
     raise ValueError(f"pad_id = {pad_id} is outside the vocabulary [0, {vocab})")
   if images_per_prompt < 1:
     raise ValueError(f"images_per_prompt = {images_per_prompt} must be at least 1")
-  n = num_image_tokens or model.config.vq.grid_size**2
+  n = model.config.vq.grid_size**2 if num_image_tokens is None else num_image_tokens
+  if n < 1:  # (0 used to mean the default)
+    raise ValueError(f"num_image_tokens = {n} must be at least 1")
   images = ids_BxT.shape[0] * images_per_prompt
   token_loop.check_divisible(images, "number of images (prompts x images_per_prompt)", mesh)
   length = token_loop.plan_length(model, ids_BxT.shape[1], n)

@@ -238,6 +238,9 @@ def test_sample_logits_settings():
   np.testing.assert_array_equal(draw(sampling.GREEDY), greedy)
   np.testing.assert_array_equal(draw(sampling.Sampler(top_k=1)), greedy)
   np.testing.assert_array_equal(draw(sampling.Sampler(top_p=1e-6)), greedy)
+  # logits / 1e-38 overflowed to inf, and the draw took the first positive logit (0 of 64 rows
+  # greedy); shifted by the row max first, a tiny temperature is greedy.
+  np.testing.assert_array_equal(draw(sampling.Sampler(temperature=1e-38)), greedy)
   base = sampling.Sampler(temperature=1.5)
   np.testing.assert_array_equal(draw(base), draw(base))
   assert (draw(base) != draw(base, jax.random.key(2))).any()
@@ -384,6 +387,9 @@ def test_inconsistent_inputs_are_refused(setup):
   with pytest.raises(ValueError, match="images_per_prompt = 0 must be at least 1"):
     sampling.generate_image_tokens(model, params, ids, valid, rng=key, pad_id=PAD,
                                    images_per_prompt=0)
+  with pytest.raises(ValueError, match="num_image_tokens = 0 must be at least 1"):  # (was: default)
+    sampling.generate_image_tokens(model, params, ids, valid, rng=key, pad_id=PAD,
+                                   num_image_tokens=0)
   codebook = model.config.vq.codebook_size
   with pytest.raises(ValueError, match=rf"ids must lie in \[0, {codebook}\).*got 0 \.\. {codebook}"):
     sampling.decode_images(model, params, np.array([[0] * 15 + [codebook]]))
