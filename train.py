@@ -10,6 +10,7 @@ Reads top to bottom: config -> mesh -> model and tokenizer -> for each stage: da
 from __future__ import annotations
 
 import functools
+import itertools
 import os
 import sys
 import time
@@ -113,6 +114,14 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   # --- data ------------------------------------------------------------------------------------
   vq_encode = support.make_vq_encoder(model, state.params, support.compiler_options(config))
   data = support.make_data(config, stage, tokenizer, vq_encode, data_state)
+  # The first batch before the step compiles (minutes at 7B): a source that cannot be read, or
+  # whose examples are all dropped, fails now. `data` still holds the position checkpoints save.
+  try:
+    batches = itertools.chain([next(data)], data)
+  except BaseException:
+    data.close()
+    manager.close()
+    raise
   batch_shardings = {k: sharding.batch_sharding(mesh, v.ndim)
                      for k, v in training.abstract_batch(config, stage.batch_size).items()}
 
@@ -139,7 +148,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   pending, step, tick = None, start, time.perf_counter()
   try:
     while step < stop_at:
-      batch = support.global_batch(next(data), batch_shardings)
+      batch = support.global_batch(next(batches), batch_shardings)
       state, metrics = compiled(state, batch)
       step += 1
       if pending is not None:  # fetch the previous step's metrics: the host never waits on this one
