@@ -65,8 +65,8 @@ def main(argv) -> None:
     print(f"{name} done: {support.export_stage(config, name, model, params)}")
   last = support.stage_names(config)[-1]
   if stages[-1] != last:  # an earlier stage run alone must not replace the finished model
-    print(f"{config.workdir}/model not written: it holds {last}'s output, and this run ended "
-          f"at {stages[-1]}")
+    print(f"{config.workdir}/model not written: it is {last}'s output; this run ended at "
+          f"{stages[-1]} (its model: {os.path.join(config.workdir, stages[-1], 'model')})")
     return
   final = os.path.join(config.workdir, "model")
   pretrained.write_converted(final, params, config.model, config.family,

@@ -188,7 +188,7 @@ def test_an_earlier_stage_run_alone_keeps_the_final_model(root, uninterrupted, t
   run = subprocess.run(cmd, env=_env(root), cwd=root, capture_output=True, text=True, timeout=600)
   assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
   assert (workdir / "stage1" / "model" / "params").is_dir()
-  assert "model not written: it holds stage2's output" in run.stdout
+  assert "model not written: it is stage2's output; this run ended at stage1" in run.stdout
   assert ((workdir / "model").stat().st_ino, (workdir / "model" / "config.json").read_bytes()) == final
 
 
