@@ -164,6 +164,17 @@ def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.nda
                      f"{vision_config.image_size} px (config.model.vision.image_size)")
   if head not in HEADS:
     raise ValueError(f"encoder pretraining head {head!r}: expected one of {HEADS}")
+  if steps < 1:
+    raise ValueError(f"encoder pretraining steps = {steps} must be at least 1")
+  # A label past the classes makes the cross-entropy NaN (and -1 wraps to the last class), and a
+  # short label array fails only at a random batch: checked here, before anything compiles.
+  for split, x, y in (("train", x_train, labels_train), ("test", x_test, labels_test)):
+    y = np.asarray(y)
+    if y.shape != (len(x),):
+      raise ValueError(f"{split} labels have shape {y.shape}, expected ({len(x)},): one per image")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= num_classes:
+      raise ValueError(f"{split} labels must be integers in [0, {num_classes}) (num_classes); "
+                       f"got {y.dtype} in [{y.min()}, {y.max()}]")
   model = Classifier(ml_collections.FrozenConfigDict(vision_config), num_classes, head,
                      scan_layers, materialize_grad_transpose)
   params = model.init(jax.random.key(seed), jnp.zeros((1, *x_train.shape[1:3], 3)))["params"]
@@ -184,8 +195,12 @@ def train_encoder(vision_config: ml_collections.ConfigDict, images_train: np.nda
                              jax.random.fold_in(key, step))
     losses.append(loss)
   params = jax.device_get(state["params"])
+  final_loss = float(np.mean(jax.device_get(losses[-20:])))
+  if not np.isfinite(final_loss):  # a diverged encoder must not replace a saved one
+    raise FloatingPointError(f"encoder pretraining diverged: the last steps' mean loss is "
+                             f"{final_loss}; nothing was written to {out_dir}")
   metrics = {"test_accuracy": accuracy(model, params, x_test, np.asarray(labels_test)),
-             "final_train_loss": float(np.mean(jax.device_get(losses[-20:]))),
+             "final_train_loss": final_loss,
              "steps": steps, "batch_size": batch_size, "head": head, "augmentation": augmentation,
              "seconds": time.time() - t0}
   with atomic_directory(out_dir) as tmp:

@@ -123,7 +123,9 @@ def _train_step(state: dict[str, Any], x_BxHxWxC: jax.Array, rng: jax.Array, *, 
   pick = jax.random.randint(rng, (k,), 0, z_Nxe.shape[0])
   codebook = params["codebook"]
   params["codebook"] = jnp.where(dead[:, None], jax.lax.stop_gradient(z_Nxe[pick]), codebook)
-  # A revived code starts at the uniform share, so it gets reinit_every steps to be chosen.
+  # A revived code starts at the uniform share: unchosen, its usage decays below the threshold
+  # in log(dead_fraction) / log(ema_decay) steps (~69 at the defaults), so a code that is
+  # never picked is revived again at the first reinit step after that.
   usage = jnp.where(dead, 1.0 / k, usage)
   metrics["codes_reinitialised"] = dead.sum()
   metrics["batch_usage"] = (counts > 0).mean()
@@ -186,6 +188,8 @@ def train_vq(vq_config: ml_collections.ConfigDict, images_train: np.ndarray,
   Returns the metrics: held-out psnr (dB) and codebook_usage, the final train losses, the seconds
   spent (train_seconds counts the compile), steps, and the test psnr before training.
   """
+  if steps < 1:
+    raise ValueError(f"VQ training steps = {steps} must be at least 1")
   t0 = time.time()
   x_train = to_pixels(images_train)  # [N, H, W, C]: grayscale stays 1 channel on the host
   x_test_u8 = as_channels(images_test)
@@ -220,6 +224,9 @@ def train_vq(vq_config: ml_collections.ConfigDict, images_train: np.ndarray,
       log.append({"stage": "stage0", "step": step, **values})
       running = None
   train_seconds, cpu_seconds = time.time() - t_train, time.process_time() - cpu_train
+  if not np.isfinite(log[-1]["loss"]):  # a diverged VQ must not replace a saved one
+    raise FloatingPointError(f"VQ training diverged: the last logged loss is {log[-1]['loss']}; "
+                             f"nothing was written to {out_dir}")
   params = jax.device_get(state["params"])
   after = evaluate(model, params, x_test_u8)
   metrics = {**after, "psnr_before": before["psnr"], "steps": steps, "batch_size": batch_size,

@@ -151,6 +151,13 @@ def test_train_vq_improves_and_saves(tmp_path):
                          seed=0, out_dir=str(tmp_path / "bad"),
                          compiler_options={"xla_no_such_option": "1"})
   assert not (tmp_path / "bad").exists()
+  with pytest.raises(ValueError, match="steps = 0"):
+    vq_training.train_vq(cfg, train[:16], test[:8], steps=0, batch_size=8, learning_rate=3e-3,
+                         seed=0, out_dir=str(tmp_path / "bad"))
+  with pytest.raises(FloatingPointError, match="diverged"):  # NaN learning rate: nothing written
+    vq_training.train_vq(cfg, train[:16], test[:8], steps=2, batch_size=8,
+                         learning_rate=float("nan"), seed=0, out_dir=str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists()
 
 
 def test_affine_warp_and_augment():
@@ -206,6 +213,25 @@ def test_encoder_pretraining_learns_and_saves(tmp_path, head, steps, floor, rota
     encoder_pretraining.train_encoder(vision, train_x[:10, :28, :28], train_y[:10], test_x,
                                       test_y, steps=1, batch_size=2, learning_rate=1e-3, seed=0,
                                       out_dir=str(tmp_path / "bad"))
+  assert not (tmp_path / "bad").exists()
+  bad_labels = train_y[:10].copy()
+  bad_labels[3] = 10  # one past the 10 classes: the loss would be NaN
+  for labels, match in ((bad_labels, r"train labels must be integers in \[0, 10\)"),
+                        (train_y[:9], r"train labels have shape \(9,\), expected \(10,\)")):
+    with pytest.raises(ValueError, match=match):
+      encoder_pretraining.train_encoder(vision, train_x[:10], labels, test_x, test_y, steps=1,
+                                        batch_size=2, learning_rate=1e-3, seed=0,
+                                        out_dir=str(tmp_path / "bad"))
+    assert not (tmp_path / "bad").exists()
+  with pytest.raises(ValueError, match="steps = 0"):
+    encoder_pretraining.train_encoder(vision, train_x[:10], train_y[:10], test_x, test_y,
+                                      steps=0, batch_size=2, learning_rate=1e-3, seed=0,
+                                      out_dir=str(tmp_path / "bad"))
+  # A diverged run (here: a NaN learning rate) writes nothing.
+  with pytest.raises(FloatingPointError, match="diverged"):
+    encoder_pretraining.train_encoder(vision, train_x[:10], train_y[:10], test_x, test_y,
+                                      steps=2, batch_size=2, learning_rate=float("nan"), seed=0,
+                                      out_dir=str(tmp_path / "bad"), head=head)
   assert not (tmp_path / "bad").exists()
   with pytest.raises(ValueError, match="head 'mean'"):
     encoder_pretraining.train_encoder(vision, train_x[:10], train_y[:10], test_x, test_y,

@@ -15,6 +15,7 @@ import pytest
 from janus_jax.models import janus as janus_lib
 from janus_jax.models import llm
 from janus_jax.models import matmul
+from janus_jax.models import vq
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "configs")
 
@@ -251,3 +252,20 @@ def test_unknown_remat_policy_is_rejected():
   cfg.remat_policy = "sometimes"
   with pytest.raises(ValueError, match="remat_policy"):
     janus_lib.abstract_params(janus_lib.build(cfg))
+
+
+def test_l2_normalize_matches_torch_and_has_finite_gradients_at_zero():
+  """vq.l2_normalize is torch's F.normalize in value and gradient, a zero row included (a NaN
+  gradient there would poison Adam's state for every parameter)."""
+  import torch
+
+  x = np.random.default_rng(0).normal(size=(3, 8)).astype(np.float32)
+  x[1] = 0.0
+  want = torch.nn.functional.normalize(torch.from_numpy(x), dim=-1)
+  np.testing.assert_allclose(np.asarray(vq.l2_normalize(jnp.asarray(x))), want.numpy(), atol=1e-7)
+  w = np.random.default_rng(1).normal(size=x.shape).astype(np.float32)
+  grad = jax.grad(lambda v: jnp.sum(vq.l2_normalize(v) * w))(jnp.asarray(x))
+  xt = torch.from_numpy(x).requires_grad_()
+  (torch.nn.functional.normalize(xt, dim=-1) * torch.from_numpy(w)).sum().backward()
+  assert np.isfinite(np.asarray(grad)).all()
+  np.testing.assert_allclose(np.asarray(grad), xt.grad.numpy(), rtol=1e-5, atol=1e-6)

@@ -131,9 +131,11 @@ class Decoder(nn.Module):
 
 
 def l2_normalize(x: jax.Array, axis: int = -1, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps), as torch's F.normalize."""
-  norm = jnp.sqrt(jnp.sum(jnp.square(x.astype(jnp.float32)), axis=axis, keepdims=True))
-  return (x / jnp.maximum(norm, eps)).astype(x.dtype)
+  """x / max(||x||, eps), as torch's F.normalize. The clamp is taken before the square root,
+  so a zero vector has a finite gradient (sqrt's derivative at 0 is infinite)."""
+  x32 = x.astype(jnp.float32)
+  norm = jnp.sqrt(jnp.maximum(jnp.sum(jnp.square(x32), axis=axis, keepdims=True), eps**2))
+  return (x32 / norm).astype(x.dtype)
 
 
 class VQModel(nn.Module):
