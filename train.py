@@ -113,7 +113,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
 
   # --- data ------------------------------------------------------------------------------------
   vq_encode = support.make_vq_encoder(model, state.params, support.compiler_options(config))
-  data = support.make_data(config, stage, tokenizer, vq_encode, data_state)
+  data = support.make_data(config, stage, mesh, tokenizer, vq_encode, data_state)
   # The first batch before the step compiles (minutes at 7B): a source that cannot be read, or
   # whose examples are all dropped, fails now. `data` still holds the position checkpoints save.
   try:
@@ -148,7 +148,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
   pending, step, tick = None, start, time.perf_counter()
   try:
     while step < stop_at:
-      batch = support.global_batch(next(batches), batch_shardings)
+      batch = support.global_batch(next(batches), batch_shardings, stage.batch_size)
       state, metrics = compiled(state, batch)
       step += 1
       if pending is not None:  # fetch the previous step's metrics: the host never waits on this one

@@ -23,8 +23,9 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
-# logical name -> mesh axis (or axes, or None = replicated). Flax skips a mesh axis already used by
-# an earlier dimension of the same array, so e.g. [embed, mlp] -> P('fsdp', 'tensor').
+# logical name -> mesh axis (or axes, or None = replicated). A mesh axis goes to at most one
+# dimension of an array: to the dimension whose name comes first in this table (so
+# [embed, mlp] -> P('fsdp', 'tensor'), but [mlp, vocab] -> P(None, 'tensor')).
 LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # parameters
     ("vocab", "tensor"),
@@ -47,6 +48,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     # constraints (propagation alone): 68.2 GiB.
     ("act_batch", "data"),
     ("act_seq", "fsdp"),
+    ("act_images", ("data", "fsdp")),  # the understanding encoder's images, before [B, N, W]
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_vocab", "tensor"),
@@ -60,9 +62,11 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), devices: Sequence[jax.Device] |
   the ambiguous contractions of a sharded backward pass.
   """
   devices = list(devices if devices is not None else jax.devices())
-  shape = list(shape)
-  if len(shape) != 3:
-    raise ValueError(f"mesh shape {shape} must have 3 entries for axes {MESH_AXES}")
+  shape = list(shape) if isinstance(shape, (tuple, list)) else [shape]
+  if len(shape) != 3 or not all(isinstance(n, (int, np.integer)) and not isinstance(n, bool)
+                                and (n >= 1 or n == -1) for n in shape):
+    raise ValueError(f"mesh shape {tuple(shape)} (config.mesh) must be 3 integers for axes "
+                     f"{MESH_AXES}, each >= 1 or -1 (all remaining devices)")
   if shape.count(-1) > 1:
     raise ValueError(f"mesh shape {shape}: at most one entry may be -1")
   known = int(np.prod([s for s in shape if s != -1]))
@@ -122,6 +126,21 @@ def _divisible_or_replicated(sharding: NamedSharding, shape, mesh: Mesh,
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Leading (batch) axis over data x fsdp, the rest replicated."""
   return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def process_rows(mesh: Mesh, batch_size: int) -> tuple[int, int]:
+  """(shard index, shard count): this process holds rows [i * n, (i + 1) * n) of a global batch
+  under `batch_sharding`, n = batch_size / count. Processes whose devices differ only along
+  `tensor` hold the same rows (count < process_count), so they must read the same shard."""
+  index_map = batch_sharding(mesh, 1).addressable_devices_indices_map((batch_size,))
+  blocks = sorted({sl[0].indices(batch_size)[:2] for sl in index_map.values()})
+  start, stop = blocks[0][0], blocks[-1][1]
+  if any(a[1] != b[0] for a, b in zip(blocks, blocks[1:])) or start % (stop - start):
+    raise ValueError(f"mesh {dict(mesh.shape)} (config.mesh) gives process {jax.process_index()} "
+                     f"the batch rows {blocks}, not one aligned block of the {batch_size}: "
+                     "order the devices so that each host's devices are adjacent along "
+                     f"{BATCH_AXES}")
+  return start // (stop - start), batch_size // (stop - start)
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

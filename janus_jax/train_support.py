@@ -113,9 +113,7 @@ def check_stage(config: ml_collections.ConfigDict, name: str, mesh, data_ready: 
   if stage.batch_size % shards:
     raise ValueError(f"config.stages.{name}.batch_size = {stage.batch_size} is not divisible by "
                      f"the {shards} data shards of mesh {dict(mesh.shape)} (config.mesh)")
-  if stage.batch_size % jax.process_count():
-    raise ValueError(f"config.stages.{name}.batch_size = {stage.batch_size} is not divisible by "
-                     f"the {jax.process_count()} hosts")
+  sharding.process_rows(mesh, stage.batch_size)  # each host's rows are one aligned block
   if len(stage.mixture) != 3 or min(stage.mixture) < 0 or sum(stage.mixture) <= 0:
     raise ValueError(f"config.stages.{name}.mixture = {tuple(stage.mixture)}: need three "
                      "non-negative weights (understanding, text, text-to-image), not all zero")
@@ -316,14 +314,16 @@ def make_vq_encoder(model: janus_lib.Janus, params: Any,
       encode(vq_params, jax.device_put(np.asarray(pixels, np.float32), device)))
 
 
-def make_data(config, stage, tokenizer, vq_encode, data_state):
+def make_data(config, stage, mesh, tokenizer, vq_encode, data_state):
+  """This host's iterator over its rows of each global batch (`sharding.process_rows`: hosts
+  that differ only along `tensor` hold, so read, the same rows)."""
   from janus_jax.data import pipeline
 
-  local_batch = stage.batch_size // jax.process_count()
+  shard_index, shard_count = sharding.process_rows(mesh, stage.batch_size)
   it = pipeline.make_pipeline(config.data, tokenizer, config.family, seed=config.seed,
                               image_tokenizer=vq_encode, mixture=tuple(stage.mixture),
-                              batch_size=local_batch, shard_index=jax.process_index(),
-                              shard_count=jax.process_count())
+                              batch_size=stage.batch_size // shard_count,
+                              shard_index=shard_index, shard_count=shard_count)
   if data_state:
     it.set_state(_this_process_state(data_state))
   return it
@@ -357,10 +357,13 @@ def _this_process_state(saved: dict[str, Any]) -> dict[str, Any]:
   return states[jax.process_index()]
 
 
-def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any]) -> dict[str, jax.Array]:
-  """This host's rows -> one global array per key (each host reads only its shard)."""
-  return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(local[k]))
-          for k in shardings}
+def global_batch(local: dict[str, np.ndarray], shardings: dict[str, Any], batch_size: int
+                 ) -> dict[str, jax.Array]:
+  """This host's rows (`make_data`) -> one global array of batch_size rows per key."""
+  def one(k):
+    x = np.asarray(local[k])
+    return jax.make_array_from_process_local_data(shardings[k], x, (batch_size, *x.shape[1:]))
+  return {k: one(k) for k in shardings}
 
 
 # --- numbers ------------------------------------------------------------------------------------

@@ -92,6 +92,27 @@ _VQ_WORKER = textwrap.dedent("""
 """)
 
 
+_BATCH_WORKER = textwrap.dedent("""
+    import json, sys
+    import jax, numpy as np
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    port, pid = sys.argv[1], int(sys.argv[2])
+    jax.distributed.initialize(f"localhost:{port}", num_processes=2, process_id=pid)
+    from janus_jax import sharding, train_support as support
+    out = {}
+    for shape in [(2, 1, 1), (1, 2, 1), (1, 1, 2)]:
+      mesh = sharding.make_mesh(shape)
+      index, count = sharding.process_rows(mesh, 4)
+      n = 4 // count
+      rows = np.arange(4)[index * n:(index + 1) * n]  # what this host's shard of the data holds
+      local = {"ids": np.stack([rows * 10, rows * 10 + 1], axis=1).astype(np.int32)}
+      batch = support.global_batch(local, {"ids": sharding.batch_sharding(mesh, 2)}, 4)["ids"]
+      total = jax.jit(lambda x: x.sum(0), out_shardings=sharding.replicated(mesh))(batch)
+      out[str(shape)] = [index, count, list(batch.shape), np.asarray(total).tolist()]
+    print("RESULT", json.dumps(out), flush=True)
+""")
+
+
 def _free_port() -> int:
   with socket.socket() as s:
     s.bind(("localhost", 0))
@@ -159,3 +180,15 @@ def test_each_host_vq_encodes_its_own_images():
   those of its own pixels (a global computation would mix the hosts' images)."""
   repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   assert _run_pair(_VQ_WORKER, repo) == ["True", "True"]
+
+
+def test_each_host_reads_the_rows_its_devices_hold():
+  """The global batch on meshes whose batch axes span both hosts, or neither (the tensor axis
+  across hosts: both hold, so both read, every row). Before, each host read half the rows
+  whatever the mesh, and the (1, 1, 2) mesh built a 2-row batch that differed between hosts."""
+  whole = [0 + 10 + 20 + 30, 1 + 11 + 21 + 31]
+  results = [json.loads(r) for r in _run_pair(_BATCH_WORKER)]
+  for pid, r in enumerate(results):
+    assert r["(2, 1, 1)"] == [pid, 2, [4, 2], whole]
+    assert r["(1, 2, 1)"] == [pid, 2, [4, 2], whole]
+    assert r["(1, 1, 2)"] == [0, 1, [4, 2], whole]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import warnings
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,6 +73,35 @@ def test_sharded_step_equals_single_device():
   assert float(jnp.abs(single.params["llm"]["lm_head"]["kernel"] - tiny_params()["llm"]["lm_head"]["kernel"]).max()) > 0
 
 
+@pytest.mark.parametrize("mesh_shape", [(2, 2, 2), (1, 8, 1)])
+def test_sharded_step_replicates_no_batch_tensor(mesh_shape, capfd):
+  """Compiled as train.py compiles it, the step moves every activation between layouts with
+  collectives: XLA's partitioner reports where it must replicate a whole tensor instead. Before,
+  it replicated the token embeddings on a (2, 2, 2) mesh, and every image on every device when
+  the patch grid's side (here 48 / 8 = 6) did not divide fsdp."""
+  config = load_config("tiny")
+  config.model.vision.image_size = 48
+  model = janus_lib.build(config.model)
+  stage = config.stages["stage3"]
+  trainable = training.check_trainable(stage.trainable)
+  optimizer = training.make_optimizer(stage, config.optimizer)
+  mesh = sharding.make_mesh(mesh_shape)
+  abstract = jax.eval_shape(functools.partial(support.init_state_from_rng, model, optimizer,
+                                              trainable), jax.random.key(0))
+  state_sh = sharding.param_shardings(abstract, mesh)
+  batch = training.abstract_batch(config, 8)
+  batch_sh = {k: sharding.batch_sharding(mesh, v.ndim) for k, v in batch.items()}
+  step = jax.jit(functools.partial(training.train_step, model=model, optimizer=optimizer,
+                                   schedule=training.learning_rate_schedule(stage),
+                                   trainable=trainable),
+                 in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, None))
+  capfd.readouterr()
+  with sharding.mesh_rules(mesh):
+    step.lower(jax.eval_shape(lambda: nn.unbox(abstract)), batch).compile()
+  log = capfd.readouterr().err
+  assert "Involuntary full rematerialization" not in log, log[-3000:]
+
+
 def test_loss_falls_on_a_tiny_dataset():
   config = _setup("stage3")[0]
   data = [train_fixtures.synthetic_batch(config, 8, i % 2) for i in range(16)]
@@ -124,6 +154,10 @@ def test_bad_stage_configs_fail_before_compiling():
     support.stages_to_run(config)
   with pytest.raises(ValueError, match="needs 3 devices, but 8"):
     sharding.make_mesh((3, 1, 1))
+  # What an ml_collections tuple flag lets through (--config.mesh=8, '(-1,8.5,1)', ...).
+  for bad in [8, (0, -1, 1), (-1, 8.5, 1), (True, 8, 1), (-1, "8", 1), (-2, -4, 1), (8, 1)]:
+    with pytest.raises(ValueError, match=r"\(config.mesh\) must be 3 integers"):
+      sharding.make_mesh(bad)
   mesh = sharding.make_mesh((4, 2, 1))
   config.stages.stage1.batch_size = 12
   with pytest.raises(ValueError, match="batch_size = 12 is not divisible by the 8 data shards"):

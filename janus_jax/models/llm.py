@@ -390,7 +390,14 @@ class LanguageModel(nn.Module):
         dot_general=dense_dot_general(self.materialize_grad_transpose))
 
   def embed(self, ids_BxT: jax.Array) -> jax.Array:
-    return self.embed_tokens(ids_BxT)
+    # nn.Embed's lookup on a table gathered whole along `embed` first (as FSDP gathers every
+    # weight before use): from the table's [vocab, embed over fsdp] layout the partitioner could
+    # not move the rows to the activations' (batch, sequence) layout, and on a mesh with data,
+    # fsdp and tensor all above 1 it replicated the whole batch's embeddings on every device.
+    table_VxD = nn.with_logical_constraint(self.embed_tokens.embedding, ("vocab", None))
+    ids_BxT = nn.with_logical_constraint(ids_BxT, ("act_batch", "act_seq"))
+    x_BxTxD = jnp.take(table_VxD.astype(self.dtype), ids_BxT, axis=0)
+    return nn.with_logical_constraint(x_BxTxD, ("act_batch", "act_seq", "act_embed"))
 
   def __call__(self, x_BxTxD, positions_BxT, mask_BxTxS, cache=None):
     return self.decoder(x_BxTxD, positions_BxT, mask_BxTxS, cache)

@@ -89,6 +89,10 @@ class VisionTransformer(nn.Module):
                       kernel_init=param_with_axes(default_kernel_init, (None, None, "conv_in", "embed")),
                       bias_init=param_with_axes(nn.initializers.zeros, ("embed",)),
                       name="patch_embedding")(pixels_BxHxWx3.astype(self.dtype))
+    # Images stay split by rows over both batch axes up to [B, N, W], where the layers take the
+    # sequence over `fsdp`: propagated back through the patch reshape instead, that layout
+    # replicated every image on every device whenever the patch grid's side did not divide fsdp.
+    patches = nn.with_logical_constraint(patches, ("act_images", None, None, "act_embed"))
     b, gh, gw, w = patches.shape
     x_BxNxW = patches.reshape(b, gh * gw, w)
     pos = self.param("position_embedding",
