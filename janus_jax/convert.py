@@ -25,6 +25,7 @@ from typing import Any
 import flax
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -158,6 +159,9 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: janus
       if k not in state_dict:
         raise KeyError(f"{source}: missing tensor {name} (for parameter {'/'.join(path)})")
       tensor = np.asarray(state_dict[k])
+      if not jnp.issubdtype(tensor.dtype, jnp.floating):  # an int or bool weight cast silently
+        raise ValueError(f"{source}: tensor {name} has dtype {tensor.dtype}, expected a float "
+                         f"type (for parameter {'/'.join(path)})")
       expected = _torch_shape(shape, kind, path)
       if tuple(tensor.shape) != expected:
         raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected "
@@ -398,12 +402,12 @@ def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False, dtype: str |
 
   pretrained.check_destination(out, overwrite, keep=(ckpt,))
   loaded = pretrained.load_pretrained(ckpt, with_tokenizer=False)
-  image_token_id = None
+  image_token_id = boi_id = None
   token_ids = {}
   try:
     from janus_jax import tokenizer as tokenizer_lib
     tok = tokenizer_lib.Tokenizer.from_dir(ckpt)
-    image_token_id = tok.image_placeholder_id
+    image_token_id, boi_id = tok.image_placeholder_id, tok.begin_of_image_id
     token_ids = {"bos_token_id": tok.bos_id, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
   except (FileNotFoundError, KeyError, ValueError):
     pass
@@ -413,6 +417,24 @@ def export_to_pytorch(ckpt: str, out: str, overwrite: bool = False, dtype: str |
     with open(os.path.join(tmp, "config.json"), "w") as f:
       json.dump(hf_config_dict(loaded.config, image_token_id, token_ids), f, indent=2)
     pretrained.copy_side_files(ckpt, tmp)
+    _write_generation_config(tmp, token_ids, boi_id)
+
+
+def _write_generation_config(directory: str, token_ids: dict[str, int], boi_id: int | None) -> None:
+  """generation_config.json with the token ids `transformers`' generate needs: its image mode
+  reads `generation_kwargs["boi_token_id"]` and fails without it. A copied one (from the
+  converted source) keeps its other fields; the ids come from the tokenizer, as config.json's
+  do. Its `_from_model_config` flag goes: with it set, `transformers` drops `generation_kwargs`
+  on load."""
+  path = os.path.join(directory, "generation_config.json")
+  gen = json.load(open(path)) if os.path.exists(path) else {}
+  gen.pop("_from_model_config", None)
+  gen.update(token_ids)
+  if boi_id is not None:
+    gen["generation_kwargs"] = {**gen.get("generation_kwargs", {}), "boi_token_id": boi_id}
+  if gen:
+    with open(path, "w") as f:
+      json.dump(gen, f, indent=2)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -439,7 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     else:
       convert_checkpoint(args.src, args.dst, args.dtype or "bfloat16", args.overwrite, args.family)
   except (OSError, KeyError, ValueError, pickle.UnpicklingError) as e:
-    print(f"error: {e}", file=sys.stderr)
+    # str() of a KeyError is its message in quotes
+    print(f"error: {e.args[0] if isinstance(e, KeyError) and e.args else e}", file=sys.stderr)
     return 1
   print(f"wrote {args.dst}")
   return 0

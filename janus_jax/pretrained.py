@@ -28,7 +28,8 @@ from janus_jax import convert, sharding
 from janus_jax.models import janus as janus_lib
 
 SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-              "processor_config.json", "preprocessor_config.json", "tokenizer.model")
+              "processor_config.json", "preprocessor_config.json", "tokenizer.model",
+              "generation_config.json")
 CONVERTED_MARKER = "params"
 
 
@@ -115,6 +116,8 @@ def check_destination(dst: str, overwrite: bool, keep: tuple[str, ...] = ()) -> 
   """dst as an absolute path; raises unless atomic_directory may write it (see there). Call it
   before expensive work too, so a bad destination fails in seconds."""
   dst = os.path.abspath(dst)
+  if jax.process_count() == 1:  # a killed writer's hidden dst is back before dst is judged
+    _clear_leftovers(dst)
   if os.path.exists(dst):
     if not overwrite:
       raise FileExistsError(f"{dst} exists; pass --overwrite to replace it")
@@ -175,9 +178,7 @@ def atomic_directory(dst: str, overwrite: bool = True, keep: tuple[str, ...] = (
   it (OUTPUT_MARKER), and never when it is or contains one of the `keep` paths (the inputs).
   With several processes (multi-host), every process gets the same temporary path (orbax's
   collective save needs one), and only process 0 creates, renames or removes it."""
-  if jax.process_count() == 1:
-    _clear_leftovers(os.path.abspath(dst))
-  dst = check_destination(dst, overwrite, keep)
+  dst = check_destination(dst, overwrite, keep)  # (clears a killed writer's leftovers first)
   parent = os.path.dirname(dst)
   primary = jax.process_index() == 0
   if jax.process_count() > 1:

@@ -66,11 +66,16 @@ def _safetensors_header(path: str) -> tuple[dict[str, Any], int]:
   if not isinstance(header, dict):
     raise CorruptCheckpointError(f"{path}: corrupt safetensors header (not a JSON object)")
   header.pop("__metadata__", None)
+  is_int = lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0
   for key, info in header.items():
-    if (not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys()
-        or len(info["data_offsets"]) != 2):
-      raise CorruptCheckpointError(f"{path}: corrupt safetensors header entry for {key!r} "
-                                   "(needs dtype, shape and two data_offsets)")
+    offsets = info.get("data_offsets") if isinstance(info, dict) else None
+    if (not isinstance(info, dict) or not isinstance(info.get("dtype"), str)
+        or not isinstance(info.get("shape"), list) or not all(map(is_int, info["shape"]))
+        or not isinstance(offsets, list) or len(offsets) != 2 or not all(map(is_int, offsets))
+        or offsets[0] > offsets[1]):
+      raise CorruptCheckpointError(f"{path}: corrupt safetensors header entry for {key!r}: "
+                                   f"{str(info)[:200]} (needs a dtype string, a shape of "
+                                   "non-negative ints and two ordered int data_offsets)")
   end = max((v["data_offsets"][1] for v in header.values()), default=0)
   if 8 + n + end > size:
     raise CorruptCheckpointError(f"{path}: truncated safetensors file ({size} bytes, tensors "
@@ -172,9 +177,18 @@ def _rebuild_tensor_v2(storage, storage_offset, size, stride, requires_grad=Fals
   return LazyTensor(archive, prefix, storage_info, storage_offset, size, stride)
 
 
+def _rebuild_parameter(data, requires_grad=False, backward_hooks=None):
+  """An nn.Parameter (`state_dict(keep_vars=True)`): its tensor, which is all a state dict needs."""
+  del requires_grad, backward_hooks
+  if not isinstance(data, LazyTensor):
+    raise UnsafeCheckpointError(f"a parameter wraps {type(data).__name__}, not a tensor")
+  return data
+
+
 class _StateDictUnpickler(pickle.Unpickler):
   _ALLOWED = {("collections", "OrderedDict"): collections.OrderedDict,
-              ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2}
+              ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor_v2,
+              ("torch._utils", "_rebuild_parameter"): _rebuild_parameter}
 
   def __init__(self, file, archive: zipfile.ZipFile, prefix: str, source: str):
     super().__init__(file)

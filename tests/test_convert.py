@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import os
@@ -168,10 +169,44 @@ def test_every_transformers_key_names_its_original_key(hf_model):
       assert original_format.hf_to_original_key(hf) in original, hf
 
 
-def test_unexpected_tensor_is_reported(tmp_path, hf_model):
+def test_unexpected_tensor_is_reported(tmp_path, hf_model, capsys):
   state = _original_state(hf_model)
   state["language_model.model.layers.7.mlp.up_proj.weight"] = torch.zeros(2, 2)
   _expect_failure(tmp_path, _write_state(tmp_path, hf_model, state), "unexpected tensors.*layers.7")
+  assert capsys.readouterr().err.startswith(f"error: {tmp_path}")  # not a quoted KeyError
+
+
+def test_a_tensor_that_is_not_floating_point_is_refused(tmp_path, hf_model):
+  state = _original_state(hf_model)
+  state["gen_embed.weight"] = torch.zeros(64, 8, dtype=torch.int32)  # right shape, wrong kind
+  _expect_failure(tmp_path, _write_state(tmp_path, hf_model, state),
+                  r"'gen_embed.weight' .* has dtype int32, expected a float type")
+
+
+@pytest.mark.parametrize("entry", [{"data_offsets": ["0", "4"]}, {"data_offsets": 4},
+                                   {"shape": "4"}, {"shape": [-1]}, {"dtype": 7},
+                                   {"data_offsets": [4, 0]}])
+def test_a_corrupt_safetensors_header_entry_is_named(tmp_path, hf_model, entry):
+  import struct
+
+  src = _write_state(tmp_path, hf_model, _original_state(hf_model))
+  path = os.path.join(src, "model.safetensors")
+  header = {"vq.quantize.embedding.weight": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4],
+                                             **entry}}
+  blob = json.dumps(header).encode()
+  with open(path, "wb") as f:
+    f.write(struct.pack("<Q", len(blob)) + blob + b"\0" * 4)
+  _expect_failure(tmp_path, src, r"model.safetensors: corrupt safetensors header entry for "
+                                 r"'vq.quantize.embedding.weight'")
+
+
+def test_a_state_dict_of_parameters_reads_as_its_tensors(tmp_path):
+  """torch.save(model.state_dict(keep_vars=True)) pickles nn.Parameters."""
+  state = {"w": torch.nn.Parameter(torch.randn(3, 4)), "b": torch.randn(4)}
+  torch.save(state, tmp_path / "p.bin")
+  got = torch_io.load_torch_pickle(str(tmp_path / "p.bin"))
+  for key, value in state.items():
+    np.testing.assert_array_equal(got[key].load(), value.detach().numpy())
 
 
 def test_shape_mismatch_names_key_expected_and_found(tmp_path, hf_model):
@@ -384,6 +419,36 @@ def test_tokenizer_and_processor_travel_with_the_checkpoint(tmp_path, hf_model, 
   role = "<|User|>" if family == "janus_pro" else "User"
   assert tok.decode(ids[1][batch["attention_mask"][1]], skip_special_tokens=False).startswith(
       "<｜begin▁of▁sentence｜>" + role + ": a cat")
+
+
+def test_an_export_generates_images_in_transformers(tmp_path, hf_model):
+  """transformers' image mode reads generation_kwargs["boi_token_id"] from the generation config:
+  the export writes it (and the special ids) from the tokenizer, and generates the tokens the
+  source model generates."""
+  import pathlib
+
+  from transformers import JanusForConditionalGeneration
+  from test_tokenizer import build_hf_json
+
+  src = pathlib.Path(checkpoints.write_hf(str(tmp_path / "src"), hf_model))
+  build_hf_json(src)
+  jax_dir, out = str(tmp_path / "jax"), str(tmp_path / "exported")
+  assert convert.main([src.as_posix(), jax_dir, "--dtype", "float32"]) == 0
+  assert convert.main([jax_dir, out, "--to-pytorch"]) == 0
+  tok = pretrained.load_pretrained(jax_dir).tokenizer
+  reloaded = JanusForConditionalGeneration.from_pretrained(out).eval()
+  gen = reloaded.generation_config
+  assert gen.generation_kwargs == {"boi_token_id": tok.begin_of_image_id}
+  assert (gen.bos_token_id, gen.pad_token_id) == (tok.bos_id, tok.pad_id)
+  ids = torch.tensor([[tok.bos_id, 40, 41, 42, tok.begin_of_image_id]])
+  run = lambda m: m.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             generation_mode="image", guidance_scale=3.0)
+  source = copy.deepcopy(hf_model)  # the module's oracle stays as it is
+  for key, value in dict(bos_token_id=tok.bos_id, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id,
+                         generation_kwargs={"boi_token_id": tok.begin_of_image_id}).items():
+    setattr(source.generation_config, key, value)
+  with torch.no_grad():
+    assert torch.equal(run(reloaded), run(source))
 
 
 def test_exported_models_keep_the_system_prompt_they_were_trained_with(tmp_path, hf_model):
@@ -612,8 +677,9 @@ def test_leftovers_of_a_killed_writer_are_cleared_and_a_hidden_good_output_put_b
   assert not os.path.exists(dst)
   assert [n for n in os.listdir(tmp_path) if n.startswith(".out.old-")]
   # The next writer puts it back first, so without --overwrite it refuses, and nothing is lost.
+  # The check before a conversion's work does so too (it used to see no dst, convert, then refuse).
   with pytest.raises(FileExistsError, match="pass --overwrite"):
-    _write_dir(dst, "refused", overwrite=False)
+    pretrained.check_destination(dst, overwrite=False)
   assert open(os.path.join(dst, "weights")).read() == "good"
   assert sorted(os.listdir(tmp_path)) == ["live_writer_was_kept", "out"]
   _write_dir(dst, "newer")
