@@ -42,7 +42,7 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_out", "fsdp"),
     # activations: rows over `data`, the sequence over `fsdp` (attention gathers its keys and values
     # along it). Janus-Pro-7B stage 2 compiled for 256 devices (data 16 x fsdp 16, batch 512 x
-    # 4096, benchmarks/training.py): 29.4 GiB per device (33.8 with the earlier attention form);
+    # 4096, benchmarks/training.py): 29.7 GiB per device (33.8 with the earlier attention form);
     # with that earlier form, rows over (data, fsdp) instead: 94.0 GiB, as the partitioner
     # all-gathers the layer scan's saved activations over the whole mesh; with no activation
     # constraints (propagation alone): 68.2 GiB.
