@@ -145,40 +145,74 @@ def params_from_hf_state_dict(state_dict: Mapping[str, np.ndarray], model: janus
   host memory is the params plus about one leaf. Raises KeyError / ValueError naming the
   missing, unexpected or mis-shaped key.
   """
+  leaves = _flat_abstract(model)
+  if hasattr(state_dict, "shape"):  # headers first: a bad key or shape fails before any read
+    _check_tensors(state_dict, leaves, source, lambda k: state_dict.shape(k),
+                   getattr(state_dict, "dtype", lambda k: None))
   flat = {}
-  used = set()
   dtype = np.dtype(janus_lib._dtype(model.config.param_dtype))
-  for path, leaf in _flat_abstract(model).items():
-    key, stacked = hf_key(path)
-    kind = _kind(path)
-    keys = [key.format(i=i) for i in range(leaf.shape[0])] if stacked else [key]
-    shape = leaf.shape[1:] if stacked else leaf.shape
+  for path, leaf in leaves.items():
+    kind, (keys, shape) = _kind(path), _torch_keys(path, leaf)
     out = np.empty(leaf.shape, dtype)
     for i, k in enumerate(keys):
-      name = getattr(state_dict, "describe", repr)(k)  # the file and original key, if known
-      if k not in state_dict:
-        raise KeyError(f"{source}: missing tensor {name} (for parameter {'/'.join(path)})")
-      tensor = np.asarray(state_dict[k])
-      if not jnp.issubdtype(tensor.dtype, jnp.floating):  # an int or bool weight cast silently
-        raise ValueError(f"{source}: tensor {name} has dtype {tensor.dtype}, expected a float "
-                         f"type (for parameter {'/'.join(path)})")
-      expected = _torch_shape(shape, kind, path)
-      if tuple(tensor.shape) != expected:
-        raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor.shape)}, expected "
-                         f"{expected}")
+      tensor = np.asarray(state_dict[k]) if k in state_dict else None
+      _check_tensor(state_dict, k, path, shape, source, tensor)
       converted = torch_to_jax(tensor, kind, shape)
-      if stacked:
+      if leaf.shape != shape:  # stacked layers
         out[i] = converted
       else:
         out[...] = converted
-      used.add(k)
     flat[path] = out if place is None else place(path, out)
     del out
+  _check_unexpected(state_dict, leaves, source)
+  return flax.traverse_util.unflatten_dict(flat)
+
+
+def _torch_keys(path: tuple[str, ...], leaf: Any) -> tuple[list[str], tuple[int, ...]]:
+  """The PyTorch keys of one of our leaves (one per layer when stacked) and each one's shape in
+  our layout."""
+  key, stacked = hf_key(path)
+  if stacked:
+    return [key.format(i=i) for i in range(leaf.shape[0])], tuple(leaf.shape[1:])
+  return [key], tuple(leaf.shape)
+
+
+def _check_tensor(state_dict, k: str, path, shape, source: str, tensor=None, tensor_shape=None,
+                  tensor_dtype=None) -> None:
+  """Raises, naming the key (and its file and original key, if known), unless tensor k exists,
+  is floating point and has the PyTorch shape of our `shape`."""
+  name = getattr(state_dict, "describe", repr)(k)
+  where = f"for parameter {'/'.join(path)}"
+  if k not in state_dict:
+    raise KeyError(f"{source}: missing tensor {name} ({where})")
+  if tensor is not None:
+    tensor_shape, tensor_dtype = tuple(tensor.shape), tensor.dtype
+  if tensor_dtype is not None and not jnp.issubdtype(tensor_dtype, jnp.floating):
+    raise ValueError(f"{source}: tensor {name} has dtype {np.dtype(tensor_dtype)}, expected a "
+                     f"float type ({where})")  # an int or bool weight would be cast silently
+  expected = _torch_shape(shape, _kind(path), path)
+  if tensor_shape is not None and tuple(tensor_shape) != expected:
+    raise ValueError(f"{source}: tensor {name} has shape {tuple(tensor_shape)}, expected {expected}")
+
+
+def _check_tensors(state_dict, leaves, source: str, shape_of, dtype_of) -> None:
+  """Every key, shape and stored dtype, from the files' headers alone (no tensor is read)."""
+  for path, leaf in leaves.items():
+    keys, shape = _torch_keys(path, leaf)
+    for k in keys:
+      present = k in state_dict
+      _check_tensor(state_dict, k, path, shape, source,
+                    tensor_shape=shape_of(k) if present else None,
+                    tensor_dtype=dtype_of(k) if present else None)
+  _check_unexpected(state_dict, leaves, source)
+
+
+def _check_unexpected(state_dict, leaves, source: str) -> None:
+  used = {k for path, leaf in leaves.items() for k in _torch_keys(path, leaf)[0]}
   unexpected = sorted(k for k in state_dict.keys() if k not in used and not IGNORED_HF_KEYS.search(k))
   if unexpected:
     raise KeyError(f"{source}: unexpected tensors {unexpected[:5]}"
                    f"{' and %d more' % (len(unexpected) - 5) if len(unexpected) > 5 else ''}")
-  return flax.traverse_util.unflatten_dict(flat)
 
 
 def hf_state_dict_from_params(params: Any) -> dict[str, np.ndarray]:
@@ -346,6 +380,12 @@ class _TiedHead(Mapping):
   def describe(self, key: str) -> str:
     inner = self._source.describe(self.EMBED if key == self.HEAD else key)
     return f"{inner} (tied: read as {self.HEAD!r})" if key == self.HEAD else inner
+
+  def shape(self, key: str) -> tuple[int, ...]:
+    return self._source.shape(self.EMBED if key == self.HEAD else key)
+
+  def dtype(self, key: str) -> np.dtype | None:
+    return self._source.dtype(self.EMBED if key == self.HEAD else key)
 
 
 def stored_dtype(tensors) -> str:

@@ -130,17 +130,34 @@ class OriginalAsHF(Mapping):
   def __getitem__(self, hf: str) -> np.ndarray:
     key, transform = self._map[hf]
     tensor = self._source[key]
+    shape = self._shape(key, transform, tuple(tensor.shape))
     if transform == "squeeze0":
-      if tensor.ndim == 3 and tensor.shape[0] != 1:
-        raise ValueError(f"{key}: expected shape [1, positions, width], got {tuple(tensor.shape)}")
-      return tensor.reshape(tensor.shape[1:]) if tensor.ndim == 3 else tensor
+      return tensor.reshape(shape)
     if transform is not None:
-      if tensor.shape[0] % 3:
-        raise ValueError(f"{key}: a fused qkv of shape {tuple(tensor.shape)} does not split "
-                         "in three along its first axis")
-      third = tensor.shape[0] // 3
+      third = shape[0]
       return tensor[transform[1] * third:(transform[1] + 1) * third]
     return tensor
+
+  def shape(self, hf: str) -> tuple[int, ...]:
+    """The tensor's shape under its HF name, from the source's header (nothing is read)."""
+    key, transform = self._map[hf]
+    return self._shape(key, transform, tuple(self._source.shape(key)))
+
+  def dtype(self, hf: str) -> np.dtype | None:
+    return getattr(self._source, "dtype", lambda key: None)(self._map[hf][0])
+
+  @staticmethod
+  def _shape(key: str, transform: Any, shape: tuple[int, ...]) -> tuple[int, ...]:
+    if transform == "squeeze0":
+      if len(shape) == 3 and shape[0] != 1:
+        raise ValueError(f"{key}: expected shape [1, positions, width], got {shape}")
+      return shape[1:] if len(shape) == 3 else shape
+    if transform is not None:
+      if not shape or shape[0] % 3:
+        raise ValueError(f"{key}: a fused qkv of shape {shape} does not split in three along "
+                         "its first axis")
+      return (shape[0] // 3, *shape[1:])
+    return shape
 
   def describe(self, hf: str) -> str:
     """The original key (and file) behind an HF key name, for error messages."""

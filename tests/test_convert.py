@@ -217,6 +217,33 @@ def test_shape_mismatch_names_key_expected_and_found(tmp_path, hf_model):
                   r"has shape \(64, 9\), expected \(64, 8\)")  # the original key and its file
 
 
+@pytest.mark.parametrize("layout", ["hf", "original"])
+def test_bad_keys_and_shapes_fail_before_any_tensor_is_read(tmp_path, hf_model, monkeypatch,
+                                                            layout):
+  """From the headers alone: on a 7B, reading the tensors first took minutes."""
+  from safetensors.torch import save_file
+
+  if layout == "hf":
+    src = checkpoints.write_hf(str(tmp_path / "src"), hf_model)
+    state = {k: v.contiguous() for k, v in hf_model.state_dict().items()}
+    head = "lm_head.weight"
+  else:
+    state = _original_state(hf_model)
+    src = _write_state(tmp_path, hf_model, state)
+    head = "language_model.lm_head.weight"
+  reads = []
+  real_read = torch_io.SafetensorsFile.__getitem__
+  monkeypatch.setattr(torch_io.SafetensorsFile, "__getitem__",
+                      lambda self, key: reads.append(key) or real_read(self, key))
+  for change, match in [({head: torch.zeros(3, 3)}, "has shape \\(3, 3\\)"),
+                        ({"extra.weight": torch.zeros(2)}, "unexpected tensors"),
+                        ({head: torch.zeros(state[head].shape, dtype=torch.int16)}, "dtype int16")]:
+    save_file({**state, **change}, os.path.join(src, "model.safetensors"))
+    with pytest.raises((KeyError, ValueError), match=match):
+      convert.convert_directory(src, "float32")
+    assert reads == [], (change, len(reads))
+
+
 def test_unknown_schema(tmp_path, hf_model):
   src = checkpoints.write_original(str(tmp_path / "src"), hf_model, "safetensors")
   with open(os.path.join(src, "config.json"), "w") as f:
