@@ -50,8 +50,6 @@ LOGICAL_RULES: tuple[tuple[str, Any], ...] = (
     ("act_seq", "fsdp"),
     ("act_images", ("data", "fsdp")),  # the understanding encoder's images, before [B, N, W]
     ("act_embed", None),
-    ("act_heads", "tensor"),
-    ("act_vocab", "tensor"),
 )
 
 
