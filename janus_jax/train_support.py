@@ -70,6 +70,8 @@ def check_run(config: ml_collections.ConfigDict, stop_after: int = 0) -> None:
       if directory and not os.path.isdir(os.path.join(directory, "params")):
         raise FileNotFoundError(f"config.{field} = {directory!r} holds no {what} "
                                 f"({os.path.join(directory, 'params')} is missing)")
+  if config.get("init_vq_from", "") and os.path.isdir(os.path.join(config.init_vq_from, "params")):
+    _check_saved_vq(config.init_vq_from, config.model.vq)
 
 
 def data_fields_from_model(model: ml_collections.ConfigDict) -> dict[str, int]:
@@ -150,7 +152,9 @@ def prepare(config: ml_collections.ConfigDict) -> None:
   print(f"digits data and tokenizer ready in {time.perf_counter() - t0:.1f} s")
   train_x, train_y = digits.load_split("train", spec.image_size, spec.seed)
   test_x, test_y = digits.load_split("test", spec.image_size, spec.seed)
-  if not os.path.isdir(os.path.join(config.init_vq_from, vq_training.PARAMS_DIR)):
+  if os.path.isdir(os.path.join(config.init_vq_from, vq_training.PARAMS_DIR)):
+    _check_saved_vq(config.init_vq_from, config.model.vq)
+  else:
     print(f"=== stage0: VQ tokenizer, {spec.vq_steps} steps")
     metrics = vq_training.train_vq(config.model.vq, train_x, test_x, steps=spec.vq_steps,
                                    batch_size=spec.vq_batch_size,
@@ -183,6 +187,24 @@ def prepare(config: ml_collections.ConfigDict) -> None:
         compiler_options=options)
     print(f"stage0 understanding encoder done in {metrics['seconds']:.0f} s: held-out "
           f"classifier accuracy {metrics['test_accuracy']:.1%}")
+
+
+def _check_saved_vq(directory: str, want: ml_collections.ConfigDict) -> None:
+  """A VQ stage 0 trained earlier is reused only if it is the model config's VQ."""
+  from janus_jax import vq_training
+
+  try:
+    saved = vq_training.load_vq_config(directory).to_dict()
+  except (OSError, ValueError) as e:
+    raise ValueError(f"{directory} (config.init_vq_from) holds VQ params but no readable "
+                     f"config.json: {e}") from e
+  plain = lambda d: {k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in d.items()}
+  saved, want = plain(saved), plain(want.to_dict())
+  diff = {k: (saved.get(k), v) for k, v in want.items() if saved.get(k) != v}
+  if diff:
+    raise ValueError(f"{directory} (config.init_vq_from) holds a VQ trained with another config "
+                     f"(saved vs config.model.vq: {diff}); point config.init_vq_from elsewhere "
+                     "to train a new one, or remove it")
 
 
 # --- tokenizer and starting params --------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import warnings
 
 import flax.linen as nn
@@ -209,6 +210,15 @@ def test_bad_run_settings_fail_before_anything_starts(tmp_path):
   bad = config.copy_and_resolve_references()
   bad.init_vq_from = str(tmp_path / "no_vq")
   with pytest.raises(FileNotFoundError, match="config.init_vq_from = .*no_vq' holds no trained VQ"):
+    support.check_run(bad)
+  # A VQ trained under another config is not reused silently (stage 0 would skip training it).
+  saved = tmp_path / "vq"
+  (saved / "params").mkdir(parents=True)
+  (saved / "config.json").write_text(json.dumps(config.model.vq.to_dict(), default=list))
+  bad.init_vq_from = str(saved)
+  support.check_run(bad)  # the same config: fine
+  bad.model.vq.codebook_size *= 2
+  with pytest.raises(ValueError, match=r"holds a VQ trained with another config .*codebook_size"):
     support.check_run(bad)
 
   mesh = sharding.make_mesh((1, 1, 1), jax.devices()[:1])
