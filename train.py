@@ -104,7 +104,8 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
     params = support.initial_params(config, model, name, carried_params, state_shardings.params, mesh)
     # Donated: the state takes over the params' buffers instead of holding a second copy.
     state = jax.jit(lambda p, rng: training.init_state(optimizer, p, trainable, rng),
-                    out_shardings=state_shardings, donate_argnums=0)(params, jax.random.key(config.seed))
+                    out_shardings=state_shardings, donate_argnums=0)(
+                        params, jax.random.key(support.stage_seed(config, name)))
     del params, carried_params
     start, data_state = 0, None
   if start >= stage.steps:
@@ -113,7 +114,7 @@ def run_stage(config, name, mesh, model, tokenizer, carried_params, preemption):
 
   # --- data ------------------------------------------------------------------------------------
   vq_encode = support.make_vq_encoder(model, state.params, support.compiler_options(config))
-  data = support.make_data(config, stage, mesh, tokenizer, vq_encode, data_state)
+  data = support.make_data(config, name, mesh, tokenizer, vq_encode, data_state)
   # The first batch before the step compiles (minutes at 7B): a source that cannot be read, or
   # whose examples are all dropped, fails now. `data` still holds the position checkpoints save.
   try:

@@ -29,6 +29,13 @@ def stage_names(config: ml_collections.ConfigDict) -> list[str]:
   return sorted(names, key=lambda n: int(n[len("stage"):]))
 
 
+def stage_seed(config: ml_collections.ConfigDict, name: str) -> int:
+  """The seed of one stage's data order and step randomness, mixed from config.seed and the
+  stage's number: each stage builds a fresh pipeline, and with config.seed alone every stage
+  would replay the same examples in the same order."""
+  return int(np.random.SeedSequence([int(config.seed), int(name[len("stage"):])]).generate_state(1)[0])
+
+
 def stages_to_run(config: ml_collections.ConfigDict) -> list[str]:
   """config.stage = 0: every stage of the table in order; k: only `stage{k}`."""
   names = stage_names(config)
@@ -336,13 +343,14 @@ def make_vq_encoder(model: janus_lib.Janus, params: Any,
       encode(vq_params, jax.device_put(np.asarray(pixels, np.float32), device)))
 
 
-def make_data(config, stage, mesh, tokenizer, vq_encode, data_state):
-  """This host's iterator over its rows of each global batch (`sharding.process_rows`: hosts
-  that differ only along `tensor` hold, so read, the same rows)."""
+def make_data(config, name, mesh, tokenizer, vq_encode, data_state):
+  """Stage `name`'s iterator over this host's rows of each global batch
+  (`sharding.process_rows`: hosts that differ only along `tensor` hold, so read, the same rows)."""
   from janus_jax.data import pipeline
 
+  stage = config.stages[name]
   shard_index, shard_count = sharding.process_rows(mesh, stage.batch_size)
-  it = pipeline.make_pipeline(config.data, tokenizer, config.family, seed=config.seed,
+  it = pipeline.make_pipeline(config.data, tokenizer, config.family, seed=stage_seed(config, name),
                               image_tokenizer=vq_encode, mixture=tuple(stage.mixture),
                               batch_size=stage.batch_size // shard_count,
                               shard_index=shard_index, shard_count=shard_count)
