@@ -145,6 +145,11 @@ def text_to_image(loaded, prompts: list[str], s: dict, settings: sampling.Sample
 
   batch = loaded.processor.generation_batch(prompts)
   n_tokens = loaded.config.vq.grid_size**2
+  context = loaded.config.llm.max_position_embeddings
+  if batch["input_ids"].shape[1] + n_tokens > context:
+    raise app.UsageError(f"--prompt: the longest prompt is {batch['input_ids'].shape[1]} tokens; "
+                         f"with the {n_tokens} image tokens that is over the model's context of "
+                         f"{context}: shorten it")
   images = len(prompts) * s["num_images"]
   with phase(f"generating {images} image(s) x {n_tokens} tokens"):
     ids = sampling.generate_image_tokens(
@@ -188,15 +193,25 @@ def answer(loaded, image_path: str, question: str, c, seed: int,
   from PIL import Image
 
   batch = loaded.processor.understanding_batch([question], [[Image.open(image_path)]])
+  prompt_len, context = batch["input_ids"].shape[1], loaded.config.llm.max_position_embeddings
+  if prompt_len >= context:
+    raise app.UsageError(f"--question: the prompt is {prompt_len} tokens, which leaves no room "
+                         f"in the model's context of {context}: shorten it")
+  # The default (512, the reference's, for a 4096-token context) caps the answer; it is not a demand.
+  max_new_tokens = min(c.max_new_tokens, context - prompt_len)
+  if max_new_tokens < c.max_new_tokens:
+    print(f"(--config.max_new_tokens={c.max_new_tokens} capped at {max_new_tokens}: the prompt's "
+          f"{prompt_len} tokens leave that much of the model's context of {context})",
+          file=sys.stderr)
   with phase("answering"):
     tokens, lengths = sampling.generate_text(
         loaded.model, loaded.params, batch["input_ids"], batch["attention_mask"],
-        rng=jax.random.key(seed), max_new_tokens=c.max_new_tokens, eos_id=loaded.tokenizer.eos_id,
+        rng=jax.random.key(seed), max_new_tokens=max_new_tokens, eos_id=loaded.tokenizer.eos_id,
         settings=settings, image_mask_BxT=batch["image_mask"], pixels=batch["pixels"],
         image_valid=batch["image_valid"])
   ids = np.asarray(tokens[0, :int(lengths[0])]).tolist()
   if ids[-1] != loaded.tokenizer.eos_id:
-    print(f"(the answer was cut at --config.max_new_tokens={c.max_new_tokens} tokens)",
+    print(f"(the answer was cut at {max_new_tokens} tokens)",
           file=sys.stderr)
   return loaded.tokenizer.decode(ids)
 

@@ -65,6 +65,23 @@ def test_sample_cli_generates_images_and_answers(tmp_path):
                          max_new_tokens=5, do_sample=False, pad_token_id=eos, eos_token_id=eos)
   hf_answer = loaded.tokenizer.decode(hf_ids[0, batch["input_ids"].shape[1]:].tolist()).strip()
   assert hf_answer and hf_answer in proc.stdout.splitlines(), (hf_answer, proc.stdout)
+  # A limit past the context (the default 512 against this model's 512) caps the answer at the
+  # room the prompt leaves; a prompt too long for the context is refused naming its flag.
+  ask = [sys.executable, str(REPO / "sample.py"), f"--checkpoint={ckpt}", f"--image={digit}",
+         "--question=What digit is this?"]
+  proc = subprocess.run(ask, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  room = 512 - batch["input_ids"].shape[1]
+  assert f"--config.max_new_tokens=512 capped at {room}" in proc.stderr
+  assert proc.stdout.strip().startswith(hf_answer), (hf_answer, proc.stdout)
+  long_prompt = " ".join(["cube"] * 600)
+  for flags, message in (([f"--question={long_prompt}"], "--question: the prompt is"),
+                         ([f"--prompt={long_prompt}", f"--out={tmp_path}/long"],
+                          "--prompt: the longest prompt is")):
+    proc = subprocess.run(ask[:3] + flags if "--prompt" in flags[0] else ask[:4] + flags,
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert proc.returncode != 0 and message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
   # A second run into the same --out: refused before loading; with --overwrite, the earlier
   # run's files go, so the folder holds one run only.
   second = [sys.executable, str(REPO / "sample.py"), f"--checkpoint={ckpt}", "--prompt=a dog",
